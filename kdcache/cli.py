@@ -1,0 +1,209 @@
+"""The `kdcache` command line: cache build | info | verify | finalize (train, eval and demo follow in later work)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from kdcache.errors import KdcacheError
+
+
+def friendly_errors(func):
+    """Print a KdcacheError as one clear line (no traceback) and exit with status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KdcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="kdcache")
+def main() -> None:
+    """kdcache: run a large teacher once into a sparse soft-label cache, then distill small students from it.
+
+    \b
+    Start with `kdcache cache build --help`. The format is described in docs/format.md.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+@main.group()
+def cache() -> None:
+    """Build, inspect, verify and finalize teacher caches."""
+
+
+# (option name, config key) pairs: each given option becomes a `key=value` override after the YAML file.
+_BUILD_OPTIONS = {
+    "output": "output",
+    "teacher": "teacher.model",
+    "backend": "teacher.backend",
+    "dtype": "teacher.dtype",
+    "device": "teacher.device",
+    "batch_size": "teacher.batch_size",
+    "tokenizer": "tokenizer",
+    "data_format": "data.format",
+    "id_field": "data.id_field",
+    "prompt": "template.prompt",
+    "target": "template.target",
+    "distill": "template.distill",
+    "sparsifier": "sparsifier.kind",
+    "k": "sparsifier.k",
+    "max_length": "max_length",
+    "shard_size": "shard_size",
+    "num_workers": "num_workers",
+    "worker_index": "worker_index",
+}
+
+
+@cache.command("build")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job spec (see jobs/).")
+@click.option("--output", "-o", help="Cache folder or fsspec URL to write (resumed when it exists).")
+@click.option("--teacher", help="Teacher model: a local folder or a hub id with weights available locally.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), help="Teacher backend [hf].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Teacher dtype [float32].")
+@click.option("--device", help="cpu, cuda, cuda:1 or auto [auto].")
+@click.option("--batch-size", type=int, help="Sequences per teacher batch [8].")
+@click.option("--tokenizer", help="Tokenizer, when not the teacher's own.")
+@click.option("--data", "data_paths", multiple=True, help="A JSONL/CSV/Parquet file or `datasets` folder (repeatable).")
+@click.option("--data-format", type=click.Choice(["auto", "jsonl", "csv", "parquet", "datasets"]))
+@click.option("--id-field", help="Field holding a stable example id.")
+@click.option("--label-field", "label_fields", multiple=True, help="Field copied into the records as a label (repeatable).")
+@click.option("--prompt", help="Prompt template, e.g. 'Article: {text}\\nGS paper:'.")
+@click.option("--target", help="Target template, e.g. ' {gs_paper}'.")
+@click.option("--distill", type=click.Choice(["target", "all"]), help="Distill the target only, or every token.")
+@click.option("--sparsifier", type=click.Choice(["topk", "sample"]), help="Keep top-k + tail, or sampled tokens [topk].")
+@click.option("--k", type=int, help="Top-k entries (or draws, for sample) per target position [64].")
+@click.option("--max-length", type=int, help="Longest sequence in tokens; prompts are cut from the left [1024].")
+@click.option("--shard-size", type=int, help="Examples per shard [1024].")
+@click.option("--num-workers", type=int, help="Total workers writing this cache (one per node) [1].")
+@click.option("--worker-index", type=int, help="This worker's index in [0, num-workers) [0].")
+@click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip rows that cannot be used, and count them.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. teacher.chunk_size=512.")
+@friendly_errors
+def cache_build(config_path, data_paths, label_fields, skip_bad_rows, no_progress, overrides, **options) -> None:
+    """Run a teacher over a dataset and write its sparse soft labels into a sharded cache.
+
+    \b
+    Only the target positions are scored, chunk by chunk, so full-vocabulary logits are never held for a batch.
+    Re-running the same command resumes after the last complete shard. With --num-workers N, run one command
+    per node with --worker-index 0..N-1 on the same --output: each writes its own shards, and the last to finish
+    writes the manifest (or run `kdcache cache finalize`).
+    """
+    from kdcache.config import CacheBuildConfig, load_config
+    from kdcache.teacher.build import build_cache
+
+    assignments = [f"{_BUILD_OPTIONS[name]}={json.dumps(value)}" for name, value in options.items() if value is not None]
+    if data_paths:
+        assignments.append(f"data.paths={json.dumps(list(data_paths))}")
+    if label_fields:
+        assignments.append(f"data.label_fields={json.dumps(list(label_fields))}")
+    if skip_bad_rows:
+        assignments.append("skip_bad_rows=true")
+    if no_progress:
+        assignments.append("progress=false")
+    config = load_config(CacheBuildConfig, config_path, [*assignments, *overrides])
+    result = build_cache(config)
+    if result.bad_rows:
+        click.echo(f"skipped {len(result.bad_rows)} bad rows; the first ones:", err=True)
+        for bad in result.bad_rows[:5]:
+            click.echo(f"  {bad}", err=True)
+    click.echo(
+        f"wrote {len(result.shards_written)} shards, {len(result.shards_skipped)} already done "
+        f"(worker {config.worker_index} of {config.num_workers}) to {config.output}"
+    )
+    if result.finalized:
+        counts = result.manifest["counts"]
+        click.echo(f"cache complete: {counts['num_examples']} examples, {counts['num_targets']} target tokens")
+    else:
+        click.echo("other workers' shards are still missing; the last worker to finish writes the manifest")
+
+
+@cache.command("info")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@friendly_errors
+def cache_info(path, as_json) -> None:
+    """Print a cache's manifest summary and statistics (examples, tokens, bytes per target token, mass, entropy)."""
+    from kdcache.store.reader import CacheReader
+    from kdcache.store.stats import cache_stats
+
+    reader = CacheReader(path)
+    stats = cache_stats(reader)
+    manifest = {key: value for key, value in reader.manifest.items() if key != "shards"}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "stats": stats}, indent=2, sort_keys=True))
+        return
+    sparsifier = manifest["sparsifier"]
+    lines = [
+        f"cache           {path}",
+        f"format          {manifest['format']} v{manifest['format_version']}",
+        f"teacher         {manifest['teacher']['model']} ({manifest['teacher']['backend']}, {manifest['teacher']['dtype']})",
+        f"tokenizer       {manifest['tokenizer']['name']} ({manifest['tokenizer']['vocab_size']} tokens, "
+        f"{manifest['tokenizer']['fingerprint'][:19]}...)",
+        f"dataset         {', '.join(manifest['dataset']['sources'])} ({manifest['dataset']['num_rows']} rows, "
+        f"{manifest['dataset']['fingerprint'][:19]}...)",
+        f"template        distill={manifest['template']['distill']} chat={manifest['template']['chat_template_used']}",
+        f"sparsifier      {sparsifier['kind']} k={sparsifier['k']} logprobs={sparsifier['logprob_dtype']}",
+        f"shards          {stats['shards']}",
+        f"examples        {stats['examples']} (skipped rows: {stats['skipped_rows']})",
+        f"tokens          {stats['tokens']}",
+        f"target tokens   {stats['target_tokens']}",
+        f"size            {stats['bytes']:,} bytes, {stats['bytes_per_target_token']:.1f} bytes per target token",
+    ]
+    if stats["mean_sparse_mass"] is not None:
+        label = "mean top-k mass" if sparsifier["kind"] == "topk" else "mean sampled mass"
+        lines.append(f"{label:<16}{stats['mean_sparse_mass']:.4f}")
+        entropy_kind = "of the k+1 buckets, a lower bound" if sparsifier["kind"] == "topk" else "Monte-Carlo estimate"
+        lines.append(f"teacher entropy {stats['mean_teacher_entropy']:.4f} nats per target token ({entropy_kind})")
+    click.echo("\n".join(lines))
+
+
+@cache.command("verify")
+@click.argument("path")
+@friendly_errors
+def cache_verify(path) -> None:
+    """Check every shard's checksums and invariants; exit 1 naming the first bad shard. Never changes the cache."""
+    from tqdm import tqdm
+
+    from kdcache.store.location import CacheLocation
+    from kdcache.store.manifest import read_manifest
+    from kdcache.store.verify import verify_cache
+
+    try:
+        total = read_manifest(CacheLocation(path))["num_shards"]
+    except KdcacheError:
+        total = None
+    with tqdm(total=total, unit="shard", desc="verify", disable=total is None) as bar:
+        report = verify_cache(path, on_shard=lambda _: bar.update(1))
+    if report.ok:
+        click.echo(f"ok: {report.shards_checked} shards verified in {path}")
+        return
+    click.echo(f"corrupt: {report.first_problem}", err=True)
+    sys.exit(1)
+
+
+@cache.command("finalize")
+@click.argument("path")
+@friendly_errors
+def cache_finalize(path) -> None:
+    """Write the manifest of a cache whose shards were written by several workers (fails while any is missing)."""
+    from kdcache.store.location import CacheLocation
+    from kdcache.store.manifest import finalize
+
+    manifest = finalize(CacheLocation(path))
+    click.echo(f"finalized {path}: {manifest['num_shards']} shards, {manifest['counts']['num_examples']} examples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Typed job configs: dataclasses loaded from YAML files in jobs/, with `key.sub=value` overrides from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdcache.errors import BadInputError
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and which fields of a row mean what."""
+
+    paths: list[str] = field(default_factory=list)  # JSONL, CSV, Parquet files or `save_to_disk` folders
+    format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = "auto"
+    id_field: str | None = None  # a stable example id; the row number is used when absent
+    target_field: str | None = None  # the answer; `{field}` placeholders in the template may use any field
+    label_fields: list[str] = field(default_factory=list)  # fields copied to the records as labels
+    limit: int | None = None  # read at most this many rows in total (for smoke runs)
+
+
+@dataclass
+class TemplateConfig:
+    """How a row becomes a prompt and a target: Python format strings over the row's fields."""
+
+    prompt: str = "{input}"
+    target: str = "{target}"
+    system: str | None = None  # a system message, used with chat templates
+    chat: Literal["auto", "yes", "no"] = "auto"  # wrap the prompt in the tokenizer's chat template
+    distill: Literal["target", "all"] = "target"  # distill answer tokens only, or every token after the first
+    add_eos: bool = True  # end the target with the tokenizer's EOS token, so the student learns to stop
+
+
+@dataclass
+class SparsifierConfig:
+    """What is kept of each teacher distribution: the top-k with tail mass, or sampled tokens with counts."""
+
+    kind: Literal["topk", "sample"] = "topk"
+    k: int = 64  # top-k entries kept; for `sample`, the number of draws per position
+    temperature: float = 1.0  # `sample` only: draws come from softmax(logits / temperature)
+    seed: int = 0  # `sample` only
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher model and how to run it."""
+
+    model: str = ""  # a local folder or a hub id (weights must already be available locally or via the hub cache)
+    revision: str | None = None
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    batch_size: int = 8
+    chunk_size: int = 1024  # target positions projected through the LM head at once
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CacheBuildConfig:
+    """Everything `kdcache cache build` needs; the parts that shape the cache go into its manifest."""
+
+    output: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sparsifier: SparsifierConfig = field(default_factory=SparsifierConfig)
+    tokenizer: str | None = None  # defaults to the teacher's own
+    max_length: int = 1024
+    shard_size: int = 1024  # examples per shard
+    num_workers: int = 1
+    worker_index: int = 0
+    skip_bad_rows: bool = False
+    progress: bool = True
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp` (simple types only) and convert what YAML leaves ambiguous."""
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise BadInputError(f"config key '{where}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except BadInputError as exc:
+                errors.append(str(exc))
+        raise BadInputError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise BadInputError(f"config key '{where}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise BadInputError(f"config key '{where}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise BadInputError(f"config key '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise BadInputError(f"config key '{where}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise BadInputError(f"config key '{where}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise BadInputError(f"config key '{where}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise BadInputError(f"config key '{where}' must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, refusing unknown keys with the list of known ones."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise BadInputError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain nested dict of a config dataclass (for manifests and saved run configs)."""
+    return dataclasses.asdict(config)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in assignment:
+        raise BadInputError(f"override '{assignment}' must look like key.sub=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BadInputError(f"override '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Read a YAML job spec (optional), apply overrides in order, and build the typed config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise BadInputError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BadInputError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadInputError(f"config file {path} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(cls, data)

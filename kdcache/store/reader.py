@@ -1,0 +1,104 @@
+"""Read a finished cache: check its format and tokenizer, then load shards or stream examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from kdcache.errors import CacheFormatError, IncompatibleCacheError
+from kdcache.store.fingerprint import tokenizer_fingerprint
+from kdcache.store.location import CacheLocation
+from kdcache.store.manifest import read_manifest
+from kdcache.store.shard import ShardData, read_shard_files
+
+
+@dataclass
+class CachedExample:
+    """One example's tokens and the teacher's sparse targets at its target positions (rows in token order)."""
+
+    index: int  # the example's row index in the source data
+    input_ids: np.ndarray  # int32 [tokens]
+    target_mask: np.ndarray  # bool [tokens]
+    sparse_ids: np.ndarray  # int32 [targets, k]
+    sparse_logprobs: np.ndarray  # [targets, k]
+    tail_logmass: np.ndarray | None  # [targets]
+    sample_counts: np.ndarray | None  # [targets, k]
+    record: dict
+
+
+def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
+    """Refuse a tokenizer other than the cache's; a different embedding size with the same tokenizer is fine."""
+    expected = manifest["tokenizer"]["fingerprint"]
+    actual = tokenizer_fingerprint(tokenizer)
+    if actual != expected:
+        raise IncompatibleCacheError(
+            f"the cache {where} was built with tokenizer '{manifest['tokenizer'].get('name')}' "
+            f"({manifest['tokenizer'].get('vocab_size')} tokens, fingerprint {expected[:19]}...), but this "
+            f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has {len(tokenizer)} tokens and fingerprint "
+            f"{actual[:19]}...; token ids would mean different tokens. Use a student with the teacher's tokenizer, "
+            "or build a cache with a teacher that shares the student's tokenizer"
+        )
+
+
+class CacheReader:
+    """A finished cache opened for reading; `tokenizer`, when given, must match the cache's."""
+
+    def __init__(self, url: str, tokenizer=None, storage_options: dict | None = None):
+        self.location = CacheLocation(url, storage_options)
+        self.manifest = read_manifest(self.location)
+        if tokenizer is not None:
+            check_tokenizer(self.manifest, tokenizer, url)
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest["num_shards"]
+
+    @property
+    def sparsifier(self) -> dict:
+        return self.manifest["sparsifier"]
+
+    def read_shard(self, index: int) -> ShardData:
+        """Load shard `index`; a missing or unreadable shard is reported by name."""
+        name = self.manifest["shards"][index]["name"]
+        url = self.location.child_url("shards", name)
+        try:
+            data = read_shard_files(url, self.location.storage_options)
+        except Exception as exc:  # zarr/pyarrow/OS errors all mean the same thing to a user: this shard is bad
+            raise CacheFormatError(
+                f"shard {name} of {self.location.url} cannot be read ({type(exc).__name__}: {exc}); "
+                f"run `kdcache cache verify {self.location.url}` and rebuild the damaged shard"
+            ) from None
+        expected = self.manifest["shards"][index]
+        if data.num_examples != expected["num_examples"] or data.num_targets != expected["num_targets"]:
+            raise CacheFormatError(
+                f"shard {name} of {self.location.url} holds {data.num_examples} examples and {data.num_targets} "
+                f"targets but the manifest says {expected['num_examples']} and {expected['num_targets']}; "
+                f"run `kdcache cache verify {self.location.url}`"
+            )
+        return data
+
+    def iter_examples(self, shards: list[int] | None = None) -> Iterator[CachedExample]:
+        """Examples shard by shard, in stored order."""
+        for index in range(self.num_shards) if shards is None else shards:
+            data = self.read_shard(index)
+            yield from split_examples(data)
+
+
+def split_examples(data: ShardData) -> Iterator[CachedExample]:
+    """Cut a shard's flat arrays into per-example views."""
+    records = data.records.to_pylist()
+    for e in range(data.num_examples):
+        t0, t1 = int(data.offsets[e]), int(data.offsets[e + 1])
+        s0, s1 = int(data.target_offsets[e]), int(data.target_offsets[e + 1])
+        yield CachedExample(
+            index=int(records[e]["example_index"]),
+            input_ids=data.input_ids[t0:t1],
+            target_mask=data.target_mask[t0:t1],
+            sparse_ids=data.sparse_ids[s0:s1],
+            sparse_logprobs=data.sparse_logprobs[s0:s1],
+            tail_logmass=None if data.tail_logmass is None else data.tail_logmass[s0:s1],
+            sample_counts=None if data.sample_counts is None else data.sample_counts[s0:s1],
+            record=records[e],
+        )

@@ -1,0 +1,103 @@
+"""One shard's content in memory, and its on-disk form: a Zarr v3 group of per-token arrays plus a Parquet table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TOKENS_DIR = "tokens.zarr"
+RECORDS_FILE = "records.parquet"
+
+# Elements per Zarr chunk (about 4 MB of int32/float32): big enough for fast sequential reads, small enough to stream.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class ShardData:
+    """Columnar content of one shard.
+
+    Token arrays are flat over the shard's examples (`offsets[e]:offsets[e+1]` is example e); sparse arrays have
+    one row per target token (`target_offsets[e]:target_offsets[e+1]` are example e's target rows, in order).
+    """
+
+    input_ids: np.ndarray  # int32 [tokens]
+    offsets: np.ndarray  # int64 [examples + 1]
+    target_mask: np.ndarray  # bool [tokens]
+    target_offsets: np.ndarray  # int64 [examples + 1]
+    sparse_ids: np.ndarray  # int32 [targets, k]
+    sparse_logprobs: np.ndarray  # float32 or float16 [targets, k]
+    tail_logmass: np.ndarray | None  # float32 [targets]; topk sparsifier
+    sample_counts: np.ndarray | None  # uint16 [targets, k]; sample sparsifier
+    records: pa.Table  # one row per example
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.sparse_ids.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-token arrays by their on-disk names (absent optional arrays left out)."""
+        named = {
+            "input_ids": self.input_ids,
+            "offsets": self.offsets,
+            "target_mask": self.target_mask,
+            "target_offsets": self.target_offsets,
+            "sparse_ids": self.sparse_ids,
+            "sparse_logprobs": self.sparse_logprobs,
+            "tail_logmass": self.tail_logmass,
+            "sample_counts": self.sample_counts,
+        }
+        return {name: value for name, value in named.items() if value is not None}
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    row_elements = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    rows = max(1, _CHUNK_ELEMENTS // max(1, row_elements))
+    return (rows,) + tuple(max(1, s) for s in shape[1:])
+
+
+def write_shard_files(local_dir: str, data: ShardData) -> None:
+    """Write a shard's files into an empty local folder (the caller makes it visible atomically)."""
+    import zarr
+
+    group = zarr.open_group(f"{local_dir}/{TOKENS_DIR}", mode="w", zarr_format=3)
+    compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    for name, value in data.arrays().items():
+        group.create_array(name, data=np.ascontiguousarray(value), chunks=_chunks(value.shape), compressors=compressor)
+    pq.write_table(data.records, f"{local_dir}/{RECORDS_FILE}", compression="zstd")
+
+
+def read_shard_files(shard_url: str, storage_options: dict | None = None) -> ShardData:
+    """Load a shard's arrays and records fully into memory (shards are sized to fit)."""
+    import fsspec
+    import zarr
+
+    group = zarr.open_group(f"{shard_url}/{TOKENS_DIR}", mode="r", storage_options=storage_options or None)
+    names = set(group.array_keys())
+
+    def get(name: str) -> np.ndarray | None:
+        return group[name][...] if name in names else None
+
+    with fsspec.open(f"{shard_url}/{RECORDS_FILE}", "rb", **(storage_options or {})) as handle:
+        records = pq.read_table(handle)
+    return ShardData(
+        input_ids=get("input_ids"),
+        offsets=get("offsets"),
+        target_mask=get("target_mask"),
+        target_offsets=get("target_offsets"),
+        sparse_ids=get("sparse_ids"),
+        sparse_logprobs=get("sparse_logprobs"),
+        tail_logmass=get("tail_logmass"),
+        sample_counts=get("sample_counts"),
+        records=records,
+    )

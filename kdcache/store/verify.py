@@ -1,0 +1,130 @@
+"""`kdcache cache verify`: check every checksum and invariant of a cache, read-only, and name the first bad shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kdcache.errors import CacheFormatError
+from kdcache.store.fingerprint import file_sha256
+from kdcache.store.location import CacheLocation
+from kdcache.store.manifest import read_manifest
+from kdcache.store.shard import read_shard_files
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    shards_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def first_problem(self) -> str | None:
+        return self.problems[0] if self.problems else None
+
+
+def _check_files(location: CacheLocation, entry: dict) -> str | None:
+    base = location.path("shards", entry["name"])
+    for rel, expected in entry["files"].items():
+        path = f"{base}/{rel}"
+        if not location.exists(path):
+            return f"file {rel} is missing"
+        with location.fs.open(path, "rb") as handle:
+            content = handle.read()
+        if len(content) != expected["bytes"]:
+            return f"file {rel} has {len(content)} bytes, expected {expected['bytes']} (truncated or overwritten)"
+        if file_sha256(content) != expected["sha256"]:
+            return f"file {rel} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def _check_arrays(location: CacheLocation, manifest: dict, entry: dict) -> str | None:
+    """Structural invariants: offsets, masks, counts, id ranges, and probability sums."""
+    try:
+        data = read_shard_files(location.child_url("shards", entry["name"]), location.storage_options)
+    except Exception as exc:  # any read failure is a damaged shard
+        return f"cannot be read ({type(exc).__name__}: {exc})"
+    k = manifest["sparsifier"]["k"]
+    vocab = manifest["tokenizer"]["vocab_size"]
+    checks: list[tuple[bool, str]] = [
+        (data.num_examples == entry["num_examples"], f"holds {data.num_examples} examples, commit says {entry['num_examples']}"),
+        (data.num_tokens == entry["num_tokens"], f"holds {data.num_tokens} tokens, commit says {entry['num_tokens']}"),
+        (data.num_targets == entry["num_targets"], f"holds {data.num_targets} targets, commit says {entry['num_targets']}"),
+        (data.records.num_rows == data.num_examples, "records.parquet row count differs from the example count"),
+        (data.offsets[0] == 0 and data.offsets[-1] == data.num_tokens and np.all(np.diff(data.offsets) > 0),
+         "token offsets are not increasing from 0 to the token count"),
+        (data.target_mask.shape[0] == data.num_tokens, "target_mask length differs from input_ids"),
+        (int(data.target_mask.sum()) == data.num_targets, "target_mask marks another number of targets than stored"),
+        (data.target_offsets[0] == 0 and data.target_offsets[-1] == data.num_targets
+         and np.all(np.diff(data.target_offsets) >= 0), "target offsets are not increasing to the target count"),
+        (data.sparse_ids.shape == (data.num_targets, k) and data.sparse_logprobs.shape == (data.num_targets, k),
+         f"sparse arrays are not [targets, k={k}]"),
+        (data.num_tokens == 0 or (data.input_ids.min() >= 0 and data.input_ids.max() < vocab),
+         f"input_ids outside [0, {vocab})"),
+    ]
+    for good, message in checks:
+        if not good:
+            return message
+    per_example = np.add.reduceat(data.target_mask.astype(np.int64), data.offsets[:-1]) if data.num_examples else []
+    if data.num_examples and not np.array_equal(per_example, np.diff(data.target_offsets)):
+        return "per-example target counts disagree between target_mask and target_offsets"
+    if data.num_targets == 0:
+        return None
+    logprobs = data.sparse_logprobs.astype(np.float64)
+    if manifest["sparsifier"]["kind"] == "topk":
+        ids = data.sparse_ids
+        if ids.min() < 0 or ids.max() >= vocab:
+            return f"top-k ids outside [0, {vocab})"
+        if np.any(logprobs > 1e-4) or np.any(np.diff(logprobs, axis=1) > 1e-3):
+            return "top-k log-probabilities are positive or not sorted in descending order"
+        total = np.logaddexp(np.logaddexp.reduce(logprobs, axis=1), data.tail_logmass.astype(np.float64))
+        tolerance = 1e-2 if data.sparse_logprobs.dtype == np.float16 else 1e-3
+        if np.any(np.abs(total) > tolerance):
+            return f"top-k mass plus tail mass differs from 1 (worst log-sum {np.abs(total).max():.2e})"
+    else:
+        counts = data.sample_counts.astype(np.int64)
+        if np.any(counts.sum(axis=1) != k):
+            return f"sample counts do not add up to the {k} draws per position"
+        if np.any((counts > 0) != (data.sparse_ids >= 0)):
+            return "sampled ids and counts disagree on which entries are padding"
+    return None
+
+
+def verify_cache(url: str, storage_options: dict | None = None,
+                 on_shard: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check the manifest, then each shard's files (size, sha256) and arrays; stops at the first bad shard."""
+    location = CacheLocation(url, storage_options)
+    try:
+        manifest = read_manifest(location)
+    except CacheFormatError as exc:
+        return VerifyReport(ok=False, problems=[str(exc)])
+    report = VerifyReport(ok=True)
+    shards = manifest.get("shards", [])
+    if len(shards) != manifest["num_shards"]:
+        return VerifyReport(ok=False, problems=[
+            f"manifest lists {len(shards)} shards but num_shards is {manifest['num_shards']}"])
+    for key in ("num_examples", "num_tokens", "num_targets", "skipped_rows"):
+        total = sum(entry[key] for entry in shards)
+        if manifest["counts"][key] != total:
+            return VerifyReport(ok=False, problems=[
+                f"manifest counts.{key} is {manifest['counts'][key]} but its shards add up to {total}"])
+    for position, entry in enumerate(shards):
+        if entry.get("shard") != position:
+            return VerifyReport(ok=False, problems=[f"manifest shard entry {position} is for shard {entry.get('shard')}"])
+        commit_path = location.commit_path(position)
+        if not location.exists(commit_path):
+            problem = "is missing (no commit record)"
+        elif location.read_json(commit_path) != entry:
+            problem = "commit record differs from the manifest entry"
+        else:
+            problem = _check_files(location, entry) or _check_arrays(location, manifest, entry)
+        report.shards_checked += 1
+        if on_shard is not None:
+            on_shard(position)
+        if problem:
+            report.ok = False
+            report.problems.append(f"shard {entry['name']}: {problem}")
+            return report
+    return report

@@ -1,0 +1,1 @@
+"""Teacher backends that fill a cache (transformers; vLLM), and the sparsifiers that decide what is kept."""

@@ -1,0 +1,101 @@
+"""The transformers teacher backend: any AutoModelForCausalLM, scoring target positions only, chunk by chunk."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kdcache.config import TeacherConfig
+from kdcache.errors import BadInputError
+from kdcache.teacher.sparsify import SparseChunk
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_causal_lm(name: str, revision: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False):
+    """Load a causal LM from a local folder or a hub id, in eval mode, with SDPA attention where available."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot load the model '{name}': {exc}. Give a local folder with config and weights, or a hub id "
+            "whose weights are already downloaded"
+        ) from None
+    return model.to(device).eval()
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states through the LM head, with the scale/soft-cap some architectures apply."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (after its final norm), without computing any logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+class HFTeacher:
+    """Scores batches of sequences: hidden states for the batch, then LM head + sparsifier over target rows in chunks."""
+
+    def __init__(self, config: TeacherConfig, vocab_size: int):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = load_causal_lm(config.model, config.revision, config.dtype, self.device, config.trust_remote_code)
+        self.vocab_size = vocab_size
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise BadInputError(
+                f"the teacher's LM head has {rows} rows but the tokenizer has {vocab_size} tokens: they do not belong "
+                "together"
+            )
+
+    @torch.inference_mode()
+    def score(
+        self,
+        batch_ids: list[list[int]],
+        batch_masks: list[list[bool]],
+        sparsify: Callable[[torch.Tensor, slice], SparseChunk],
+    ) -> list[SparseChunk]:
+        """Sparse targets for every target row of the batch, in (example, position) order, one chunk at a time.
+
+        Token t is a target when mask[t]; its distribution is read from the hidden state at t - 1. Logits exist only
+        for `chunk_size` rows at a time, and columns past the tokenizer's vocabulary (embedding padding) are dropped.
+        """
+        length = max(len(ids) for ids in batch_ids)
+        input_ids = torch.zeros((len(batch_ids), length), dtype=torch.long)
+        attention = torch.zeros((len(batch_ids), length), dtype=torch.long)
+        target = torch.zeros((len(batch_ids), length), dtype=torch.bool)
+        for row, (ids, mask) in enumerate(zip(batch_ids, batch_masks)):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            target[row, : len(ids)] = torch.tensor(mask)
+        hidden = final_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device))
+        rows, cols = target.nonzero(as_tuple=True)  # row-major: example by example, positions in order
+        selected = hidden[rows.to(self.device), (cols - 1).to(self.device)]
+        del hidden
+        chunks = []
+        for start in range(0, selected.shape[0], self.config.chunk_size):
+            stop = min(start + self.config.chunk_size, selected.shape[0])
+            logits = output_logits(self.model, selected[start:stop])[:, : self.vocab_size]
+            chunks.append(sparsify(logits, slice(start, stop)))
+        return chunks

@@ -1,0 +1,70 @@
+"""Small tokenizers and Qwen2-family models built locally from configs: for tests, the demo and benchmarks.
+
+Nothing here downloads anything: the tokenizer is trained on the given texts, the model is randomly initialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat: bool = True):
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen-style special tokens and (optionally) chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, kv_heads: int | None = None,
+                intermediate_size: int | None = None, max_positions: int = 2048, seed: int = 0,
+                tie_embeddings: bool = True):
+    """A randomly initialised Qwen2ForCausalLM of the given (small) shape, in fp32, eval mode."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def save_model(model, tokenizer, folder: str | Path) -> str:
+    """Save a model and its tokenizer to a folder that `from_pretrained` (and kdcache) can load."""
+    folder = str(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,1 @@
+"""Training-side code: distillation losses and the student training loop."""
