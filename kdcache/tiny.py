@@ -68,3 +68,29 @@ def save_model(model, tokenizer, folder: str | Path) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m kdcache.tiny OUT`: a random 2-layer Qwen2 + tokenizer trained on the UPSC sample, for trying the CLI."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", help="folder to write the model and tokenizer to")
+    parser.add_argument("--data", default="examples/upsc/silver.jsonl", help="JSONL whose texts train the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    with open(args.data) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    texts = [" ".join(str(v) for v in row.values()) for row in rows]
+    tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
+    model = build_qwen2(len(tokenizer), hidden_size=args.hidden_size, layers=args.layers, heads=2)
+    save_model(model, tokenizer, args.out)
+    print(f"wrote an untrained {args.layers}-layer Qwen2 ({sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(tokenizer)} tokens) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

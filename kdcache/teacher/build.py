@@ -61,7 +61,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
 
 
-def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row]) -> dict:
+def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0) -> dict:
     """Everything that shapes the cache's content (and so must agree between workers and across resumes)."""
     if config.sparsifier.k < 1:
         raise BadInputError("sparsifier.k must be at least 1")
@@ -91,6 +91,7 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row]) -> dict:
             "fingerprint": rows_fingerprint(row.fields for row in rows),
             "sources": list(config.data.paths),
             "num_rows": len(rows),
+            "unparsed_rows": unparsed_rows,
             "id_field": config.data.id_field,
             "label_fields": list(config.data.label_fields),
         },
@@ -288,7 +289,7 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
         raise BadInputError(f"bad row: {unparsed[0]}. Fix the row, or pass --skip-bad-rows to skip such rows")
     if not rows:
         raise BadInputError(f"no rows found in {', '.join(config.data.paths)}")
-    plan = make_plan(config, tokenizer, rows)
+    plan = make_plan(config, tokenizer, rows, len(unparsed))
     location = CacheLocation(config.output)
     write_or_check_plan(location, plan)
     result = BuildResult(output=config.output, bad_rows=list(unparsed))

@@ -1,0 +1,488 @@
+"""Benchmark `kdcache cache build`: build time vs a plain forward pass, bytes per target token, reader throughput.
+
+Everything is local: a byte-level BPE tokenizer is trained on the shipped UPSC sample texts
+(kdcache.tiny.build_tokenizer), a randomly initialised Qwen2 of the requested shape is built (kdcache.tiny.build_qwen2),
+saved to a scratch folder and loaded once through the real HF backend (kdcache.teacher.hf.HFTeacher). Model loading is
+never timed: the loaded backend and the tokenizer are handed to `build_cache(config, backend=..., tokenizer=...)`.
+
+Figures printed:
+
+1. build / plain: the median wall time of a whole `build_cache` (read rows, tokenise, score, sparsify, write shards,
+   commit, finalize) divided by the median time of a plain `model(input_ids, attention_mask).logits` forward over the
+   identical batches (the build's own shard-wise, length-sorted batching and right padding; tensors prepared outside
+   the timed region; torch.inference_mode; use_cache=False). The two are timed alternately (plain, build, plain,
+   build, ...) after one untimed warm-up of each, so drift of the machine hits both alike.
+2. bytes per target token: the sum of every shard file's bytes (from the manifest's commit records) divided by the
+   number of target tokens, for caches built at each --bytes-k (float32 log-probs) and once at k=64 with float16
+   log-probs; the part taken by the sparse arrays alone (sparse_ids, sparse_logprobs, tail_logmass) is shown too.
+3. reader throughput: target tokens/s of `CacheReader(url).iter_examples()` over the whole timed cache.
+
+Example (the small CPU configuration of benchmarks/RESULTS.md):
+
+    python benchmarks/cache_build.py --hidden-size 256 --layers 4 --heads 4 --examples 256 --max-length 256 \\
+        --distill target --repeats 5 --json /tmp/bench.json
+
+Add --breakdown to see where the build's time goes (per-phase wall time, % of the build), and --profile N to print
+the top N functions of a cProfile of one extra build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+UPSC = [REPO / "examples" / "upsc" / "golden.jsonl", REPO / "examples" / "upsc" / "silver.jsonl"]
+PROMPT = "Title: {title}\nArticle: {text}\nWhich GS paper?"
+TARGET = " {gs_paper}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="cache_build.py",
+        description=(
+            "Benchmark kdcache's cache build on a locally built Qwen2-shaped teacher and the UPSC sample data: "
+            "(1) build time / plain forward time over identical batches, (2) bytes per target token at several k, "
+            "(3) streaming reader throughput."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model (randomly initialised Qwen2, built locally)")
+    m.add_argument("--hidden-size", type=int, default=256)
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--heads", type=int, default=4, help="attention heads")
+    m.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    m.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 2 x hidden)")
+    m.add_argument("--tokenizer-vocab", type=int, default=2048,
+                   help="vocabulary size to train the BPE tokenizer to (on the UPSC sample texts); the trained "
+                        "tokenizer may end up slightly smaller")
+    m.add_argument("--vocab-size", type=int, default=None,
+                   help="embedding / LM-head rows of the model (default: the tokenizer's size); a larger value pads "
+                        "the embedding, as real checkpoints do")
+    d = p.add_argument_group("data and build")
+    d.add_argument("--examples", type=int, default=256,
+                   help="rows, cycling the 520 UPSC golden+silver rows (repeats get a suffix so they stay distinct)")
+    d.add_argument("--max-length", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=8, help="teacher.batch_size")
+    d.add_argument("--chunk-size", type=int, default=1024, help="teacher.chunk_size (target rows per LM-head call)")
+    d.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
+    d.add_argument("--distill", choices=["target", "all"], default="target",
+                   help="target: answer tokens only; all: every token after the first")
+    d.add_argument("--k", type=int, default=64, help="top-k of the timed builds (and of the read benchmark)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="teacher dtype")
+    r = p.add_argument_group("measurement")
+    r.add_argument("--repeats", type=int, default=5, help="timed (plain, build) pairs, after one warm-up pair")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    r.add_argument("--bytes-k", default="16,64,256", help="comma-separated k values for the bytes/target figure")
+    r.add_argument("--read-repeats", type=int, default=3, help="passes of the read benchmark (median reported)")
+    r.add_argument("--skip-bytes", action="store_true", help="skip the bytes per target figure")
+    r.add_argument("--skip-read", action="store_true", help="skip the read throughput figure")
+    r.add_argument("--breakdown", action="store_true",
+                   help="also time the build's phases (one extra instrumented build) and print %% of build time")
+    r.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also cProfile one extra build and print the top N functions by cumulative time")
+    r.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder, removed after)")
+    r.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------- setup
+
+
+def machine_line(device: torch.device, threads: int) -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+    import zarr
+
+    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), "
+            f"transformers {transformers.__version__}, zarr {zarr.__version__}, Python {platform.python_version()}, "
+            f"device {device}")
+    if device.type == "cuda":
+        text += f" ({torch.cuda.get_device_name(device)})"
+    return text
+
+
+def upsc_rows() -> list[dict]:
+    rows = []
+    for path in UPSC:
+        rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return rows
+
+
+def write_data(path: Path, base: list[dict], n: int) -> None:
+    """n rows cycling the base rows; a repeat gets '#c' on its id and ' (c)' on its text, so every row differs."""
+    with open(path, "w") as handle:
+        for i in range(n):
+            row = dict(base[i % len(base)])
+            cycle = i // len(base)
+            if cycle:
+                row["id"] = f"{row['id']}#{cycle}"
+                row["text"] = f"{row['text']} ({cycle})"
+            handle.write(json.dumps(row) + "\n")
+
+
+def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, logprob_dtype: str = "float32"):
+    from kdcache.config import CacheBuildConfig, load_config
+
+    overrides = [
+        f"output={output}",
+        f"teacher.model={teacher_dir}",
+        f"teacher.device={args.device}",
+        f"teacher.dtype={args.dtype}",
+        f"teacher.batch_size={args.batch_size}",
+        f"teacher.chunk_size={args.chunk_size}",
+        f"data.paths=[{data_file}]",
+        "data.id_field=id",
+        "data.label_fields=[relevant, gs_paper]",
+        f"template.prompt={json.dumps(PROMPT)}",
+        f"template.target={json.dumps(TARGET)}",
+        f"template.distill={args.distill}",
+        f"sparsifier.k={k}",
+        f"sparsifier.logprob_dtype={logprob_dtype}",
+        f"max_length={args.max_length}",
+        f"shard_size={args.shard_size}",
+        "progress=false",
+    ]
+    return load_config(CacheBuildConfig, None, overrides)
+
+
+def plain_batches(config, tokenizer, device: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict]:
+    """The build's batches, padded as HFTeacher.score pads them: shard by shard, longest first, right padding."""
+    from kdcache.data.sources import read_rows
+    from kdcache.teacher.build import prepare_rows
+
+    rows, _ = read_rows(config.data)
+    batches = []
+    stats = {"examples": 0, "tokens": 0, "padded_tokens": 0, "targets": 0}
+    for start in range(0, len(rows), config.shard_size):
+        examples, _ = prepare_rows(config, tokenizer, rows[start : start + config.shard_size], start)
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].encoded.input_ids))
+        for b in range(0, len(order), config.teacher.batch_size):
+            batch = [examples[i].encoded for i in order[b : b + config.teacher.batch_size]]
+            length = max(len(e.input_ids) for e in batch)
+            ids = torch.zeros((len(batch), length), dtype=torch.long)
+            mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, e in enumerate(batch):
+                ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                mask[row, : len(e.input_ids)] = 1
+                stats["tokens"] += len(e.input_ids)
+                stats["targets"] += sum(e.target_mask)
+            stats["examples"] += len(batch)
+            stats["padded_tokens"] += ids.numel()
+            batches.append((ids.to(device), mask.to(device)))
+    return batches, stats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------- measuring
+
+
+def time_plain(model, batches, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for ids, mask in batches:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            del logits
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_build(args, backend, tokenizer, output: Path, teacher_dir, data_file, k: int, logprob_dtype="float32"):
+    from kdcache.teacher.build import build_cache
+
+    if output.exists():
+        shutil.rmtree(output)
+    config = make_config(args, str(output), teacher_dir, data_file, k, logprob_dtype)
+    sync(backend.device)
+    t0 = time.perf_counter()
+    result = build_cache(config, backend=backend, tokenizer=tokenizer)
+    sync(backend.device)
+    elapsed = time.perf_counter() - t0
+    if not result.finalized:
+        raise RuntimeError(f"the build into {output} did not finalize")
+    return elapsed, result.manifest
+
+
+SPARSE_ARRAYS = ("sparse_ids", "sparse_logprobs", "tail_logmass", "sample_counts")
+
+
+def cache_bytes(manifest: dict) -> dict:
+    """Shard bytes from the commit records: in all, and by part (a zarr array, or the records Parquet file)."""
+    parts: dict[str, int] = {}
+    for shard in manifest["shards"]:
+        for name, info in shard["files"].items():
+            pieces = name.split("/")
+            part = pieces[1] if pieces[0] == "tokens.zarr" and len(pieces) > 2 else pieces[0]
+            parts[part] = parts.get(part, 0) + info["bytes"]
+    targets = manifest["counts"]["num_targets"]
+    total = sum(parts.values())
+    sparse = sum(v for key, v in parts.items() if key in SPARSE_ARRAYS)
+    return {
+        "num_targets": targets,
+        "num_examples": manifest["counts"]["num_examples"],
+        "total_bytes": total,
+        "bytes_per_target": total / targets,
+        "sparse_bytes_per_target": sparse / targets,
+        "parts": dict(sorted(parts.items())),
+    }
+
+
+def time_read(url: str, repeats: int) -> dict:
+    from kdcache.store.reader import CacheReader
+
+    times, targets, examples = [], 0, 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        reader = CacheReader(url)
+        targets = examples = 0
+        for example in reader.iter_examples():
+            targets += int(example.sparse_ids.shape[0])
+            examples += 1
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"seconds": times, "median_s": median, "targets": targets, "examples": examples,
+            "targets_per_s": targets / median, "examples_per_s": examples / median}
+
+
+@contextlib.contextmanager
+def phase_timers():
+    """Wrap the build's phases (module-level functions it calls by name) with wall-clock accumulators."""
+    import kdcache.store.shard as shard_mod
+    import kdcache.store.writer as writer_mod
+    import kdcache.teacher.build as build_mod
+    import kdcache.teacher.hf as hf_mod
+
+    totals: dict[str, float] = {}
+    patched = []
+
+    def wrap(module, name, label, cuda_sync=False):
+        original = getattr(module, name)
+
+        def timed(*a, **kw):
+            if cuda_sync:
+                sync(torch.device("cuda"))
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                if cuda_sync:
+                    sync(torch.device("cuda"))
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(module, name, timed)
+        patched.append((module, name, original))
+
+    cuda = torch.cuda.is_available()
+    wrap(build_mod, "read_rows", "read rows (JSONL)")
+    wrap(build_mod, "make_plan", "plan (incl. tokenizer + rows fingerprints)")
+    wrap(build_mod, "write_or_check_plan", "write plan.json")
+    wrap(build_mod, "committed_shards", "list committed shards")
+    wrap(build_mod, "prepare_rows", "render + tokenise")
+    wrap(build_mod.ShardScorer, "score_shard", "score_shard (all of scoring)")
+    wrap(hf_mod.HFTeacher, "score", "  HFTeacher.score", cuda)
+    wrap(hf_mod, "final_hidden_states", "    decoder forward (final_hidden_states)", cuda)
+    wrap(hf_mod, "output_logits", "    LM head (output_logits)", cuda)
+    wrap(build_mod, "topk_with_tail", "    sparsify (topk_with_tail)", cuda)
+    wrap(build_mod.ShardScorer, "assemble", "assemble (ShardData + records table)")
+    wrap(build_mod, "commit_shard", "commit_shard (all of writing)")
+    wrap(writer_mod, "write_shard_files", "  write_shard_files")
+    wrap(shard_mod.pq, "write_table", "    parquet write_table")
+    wrap(writer_mod, "_checksums", "  sha256 of shard files")
+    wrap(build_mod, "finalize", "finalize (manifest.json)")
+    try:
+        yield totals
+    finally:
+        for module, name, original in reversed(patched):
+            setattr(module, name, original)
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from kdcache.teacher.build import make_backend
+    from kdcache.tiny import build_qwen2, build_tokenizer, save_model
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+
+    scratch = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kdcache-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        base = upsc_rows()
+        tokenizer = build_tokenizer([f"{r['title']} {r['text']} {r['gs_paper']}" for r in base],
+                                    vocab_size=args.tokenizer_vocab)
+        vocab = args.vocab_size or len(tokenizer)
+        if vocab < len(tokenizer):
+            print(f"error: --vocab-size {vocab} is below the tokenizer's {len(tokenizer)} tokens", file=sys.stderr)
+            return 2
+        model = build_qwen2(vocab, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+                            kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                            max_positions=max(2048, args.max_length), seed=0)
+        params = sum(p.numel() for p in model.parameters())
+        teacher_dir = save_model(model, tokenizer, scratch / "teacher")
+        del model
+        data_file = scratch / "data.jsonl"
+        write_data(data_file, base, args.examples)
+
+        config = make_config(args, str(scratch / "unused"), teacher_dir, str(data_file), args.k)
+        backend = make_backend(config, len(tokenizer))  # loads the model once; never timed
+        model = backend.model
+        batches, stats = plain_batches(config, tokenizer, device)
+
+        machine = machine_line(device, threads)
+        print(f"machine: {machine}")
+        print(f"model:   Qwen2 hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
+              f"vocab {vocab} (tokenizer {len(tokenizer)}), {params / 1e6:.2f}M params, {args.dtype}")
+        print(f"data:    {stats['examples']} examples, {stats['tokens']} tokens ({stats['padded_tokens']} padded), "
+              f"{stats['targets']} target tokens (distill={args.distill}), max_length {args.max_length}, "
+              f"batch {args.batch_size}, {len(batches)} batches, shard_size {args.shard_size}")
+        sys.stdout.flush()
+
+        # 1. build vs plain forward, alternating, after a warm-up pair.
+        timed_out = scratch / "timed"
+        time_plain(model, batches, device)
+        time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
+        plain_s, build_s = [], []
+        manifest = None
+        for _ in range(args.repeats):
+            plain_s.append(time_plain(model, batches, device))
+            seconds, manifest = time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
+            build_s.append(seconds)
+        plain_med, build_med = statistics.median(plain_s), statistics.median(build_s)
+        figures: dict = {
+            "machine": machine,
+            "argv": sys.argv,
+            "args": vars(args),
+            "model": {"vocab": vocab, "tokenizer_vocab": len(tokenizer), "params": params},
+            "data": stats,
+            "timing": {
+                "plain_forward_s": plain_s, "build_s": build_s,
+                "plain_forward_median_s": plain_med, "build_median_s": build_med,
+                "ratio": build_med / plain_med,
+                "build_targets_per_s": stats["targets"] / build_med,
+                "build_tokens_per_s": stats["tokens"] / build_med,
+                "plain_tokens_per_s": stats["tokens"] / plain_med,
+            },
+        }
+
+        # Optional: where the build's time goes.
+        if args.breakdown:
+            with phase_timers() as totals:
+                seconds, _ = time_build(args, backend, tokenizer, scratch / "breakdown", teacher_dir, data_file,
+                                        args.k)
+            figures["breakdown"] = {"build_s": seconds, "phases_s": dict(totals)}
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            time_build(args, backend, tokenizer, scratch / "profile", teacher_dir, data_file, args.k)
+            profiler.disable()
+            buffer = io.StringIO()
+            pstats.Stats(profiler, stream=buffer).sort_stats("cumulative").print_stats(args.profile)
+            figures["profile"] = buffer.getvalue()
+
+        # 2. bytes per target token.
+        if not args.skip_bytes:
+            sizes = []
+            variants = [(int(k), "float32") for k in args.bytes_k.split(",") if k.strip()] + [(64, "float16")]
+            for k, logprob_dtype in variants:
+                if k > len(tokenizer):
+                    continue
+                if k == args.k and logprob_dtype == "float32":
+                    info = cache_bytes(manifest)
+                else:
+                    out = scratch / f"bytes-k{k}-{logprob_dtype}"
+                    _, m = time_build(args, backend, tokenizer, out, teacher_dir, data_file, k, logprob_dtype)
+                    info = cache_bytes(m)
+                    shutil.rmtree(out)
+                raw = k * 4 + k * (2 if logprob_dtype == "float16" else 4) + 4
+                sizes.append({"k": k, "logprob_dtype": logprob_dtype, "raw_sparse_bytes_per_target": raw, **info})
+            figures["bytes"] = sizes
+
+        # 3. reader throughput over the timed cache.
+        if not args.skip_read:
+            figures["read"] = {"k": args.k, **time_read(str(timed_out), args.read_repeats)}
+
+        report(figures, args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
+            print(f"\nfigures written to {args.json}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def report(figures: dict, args) -> None:
+    t = figures["timing"]
+    print()
+    print(f"1. build vs plain forward ({args.repeats} alternating repeats, medians; k={args.k})")
+    print(f"   {'plain forward (s)':<28}{t['plain_forward_median_s']:>10.3f}   runs: "
+          + ", ".join(f"{s:.3f}" for s in t["plain_forward_s"]))
+    print(f"   {'build_cache (s)':<28}{t['build_median_s']:>10.3f}   runs: "
+          + ", ".join(f"{s:.3f}" for s in t["build_s"]))
+    verdict = "OK" if t["ratio"] <= 1.15 else "ABOVE the 1.15 target"
+    print(f"   {'ratio build / plain':<28}{t['ratio']:>10.3f}   ({verdict})")
+    print(f"   {'build target tokens/s':<28}{t['build_targets_per_s']:>10,.0f}")
+    print(f"   {'build input tokens/s':<28}{t['build_tokens_per_s']:>10,.0f}   "
+          f"(plain: {t['plain_tokens_per_s']:,.0f})")
+    if "breakdown" in figures:
+        b = figures["breakdown"]
+        print(f"\n   breakdown of one instrumented build ({b['build_s']:.3f} s; inner rows are part of the row above)")
+        for label, seconds in b["phases_s"].items():
+            print(f"   {label:<46}{seconds:>9.3f} s {100 * seconds / b['build_s']:>6.1f} %")
+    if "profile" in figures:
+        print("\n   cProfile of one build (cumulative):")
+        print(figures["profile"])
+    if "bytes" in figures:
+        print("\n2. bytes per target token (all shard files / target tokens)")
+        print(f"   {'k':>5} {'logprobs':>9} {'bytes/target':>13} {'sparse arrays':>14} {'raw sparse':>11} "
+              f"{'targets':>8}")
+        for s in figures["bytes"]:
+            print(f"   {s['k']:>5} {s['logprob_dtype']:>9} {s['bytes_per_target']:>13.1f} "
+                  f"{s['sparse_bytes_per_target']:>14.1f} {s['raw_sparse_bytes_per_target']:>11} {s['num_targets']:>8}")
+        print("   (sparse arrays: sparse_ids + sparse_logprobs + tail_logmass on disk; raw sparse: their "
+              "uncompressed size; the rest is input_ids, masks, offsets and the records Parquet file)")
+    if "read" in figures:
+        r = figures["read"]
+        print(f"\n3. CacheReader.iter_examples over the k={r['k']} cache ({r['examples']} examples, {r['targets']} "
+              f"targets; median of {len(r['seconds'])})")
+        print(f"   {r['targets_per_s']:,.0f} target tokens/s, {r['examples_per_s']:,.0f} examples/s "
+              f"({r['median_s'] * 1000:.1f} ms per pass)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

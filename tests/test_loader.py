@@ -1,0 +1,228 @@
+"""The cache loader: exact targets, every example once per epoch, deterministic order, exact resume, budgets."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_config
+
+from kdcache.errors import CacheFormatError
+from kdcache.store.reader import CacheReader
+from kdcache.teacher.build import build_cache
+from kdcache.train.loader import CacheBatch, CacheDataLoader, CacheDataset, heldout_mask
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher_dir, data_file) -> str:
+    """24 examples in 5 shards (5, 5, 5, 5, 4), top-16 targets."""
+    path = tmp_path_factory.mktemp("loader") / "cache"
+    build_cache(make_config(path, teacher_dir, data_file))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def examples(cache) -> dict:
+    return {e.index: e for e in CacheReader(cache).iter_examples()}
+
+
+def indices(batches: list[CacheBatch]) -> list[tuple[int, ...]]:
+    return [tuple(b.example_indices.tolist()) for b in batches]
+
+
+def flat(batches: list[CacheBatch]) -> list[int]:
+    return [i for b in batches for i in b.example_indices.tolist()]
+
+
+def test_batches_carry_the_cached_targets(cache, examples):
+    dataset = CacheDataset(cache, batch_size=3, split="all", seed=1)
+    pad = dataset.manifest["tokenizer"]["eos_token_id"]
+    batches = list(dataset)
+    assert sorted(flat(batches)) == sorted(examples)
+    for batch in batches:
+        rows, cols = batch.target_mask.nonzero(as_tuple=True)
+        assert batch.targets.ids.shape == (len(rows), 16) and batch.targets.ids.dtype == torch.long
+        assert batch.targets.logprobs.dtype == torch.float32 and batch.targets.tail_logmass.shape == (len(rows),)
+        assert batch.targets.counts is None
+        assert torch.equal(batch.labels, batch.input_ids[rows, cols])
+        start = 0
+        for row, index in enumerate(batch.example_indices.tolist()):
+            e = examples[index]
+            n, t = len(e.input_ids), e.sparse_ids.shape[0]
+            assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+            assert batch.input_ids[row, :n].tolist() == e.input_ids.tolist()
+            assert torch.all(batch.input_ids[row, n:] == pad)
+            assert batch.target_mask[row, :n].tolist() == e.target_mask.tolist()
+            assert not batch.target_mask[row, n:].any()
+            assert torch.all(rows[start : start + t] == row)  # row-major order
+            np.testing.assert_array_equal(batch.targets.ids[start : start + t].numpy(), e.sparse_ids)
+            np.testing.assert_array_equal(batch.targets.logprobs[start : start + t].numpy(), e.sparse_logprobs)
+            np.testing.assert_array_equal(batch.targets.tail_logmass[start : start + t].numpy(), e.tail_logmass)
+            start += t
+        assert start == batch.num_targets
+    assert dataset.stats.batches == len(batches) and dataset.stats.examples == len(examples)
+    assert dataset.stats.load_seconds > 0 and dataset.stats.targets == sum(b.num_targets for b in batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_train_example_once_per_epoch_across_ranks_and_workers(cache, examples, num_workers):
+    train = {i for i in examples if not heldout_mask([i], 0.25)[0]}
+    per_epoch = []
+    for epoch in (0, 1):
+        seen, batch_sets = [], []
+        for rank in (0, 1):
+            dataset = CacheDataset(cache, batch_size=2, rank=rank, world_size=2, heldout_fraction=0.25, seed=3)
+            loader = CacheDataLoader(dataset, num_workers=num_workers)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            seen += flat(batches)
+            batch_sets.append(sorted(indices(batches)))
+            assert loader.stats.batches == len(batches)
+        assert sorted(seen) == sorted(train)  # exactly once: no duplicates, nothing missing, nothing held out
+        per_epoch.append(batch_sets)
+    assert per_epoch[0] != per_epoch[1]
+
+
+def test_batches_do_not_depend_on_num_workers(cache):
+    def batch_set(num_workers):
+        dataset = CacheDataset(cache, max_tokens=700, seed=5)
+        return sorted(indices(list(CacheDataLoader(dataset, num_workers=num_workers))))
+
+    assert batch_set(0) == batch_set(2)
+
+
+def test_order_is_deterministic_in_seed_and_epoch(cache):
+    def run(seed, epoch, rank=0):
+        dataset = CacheDataset(cache, batch_size=3, seed=seed, rank=rank, world_size=2)
+        dataset.set_epoch(epoch)
+        return indices(list(dataset))
+
+    assert run(0, 0) == run(0, 0)
+    assert run(0, 1) == run(0, 1)
+    assert run(0, 0) != run(0, 1)
+    assert run(0, 0) != run(1, 0)
+    assert run(0, 0, rank=1) == run(0, 0, rank=1) != run(0, 0)
+    fixed = CacheDataset(cache, batch_size=100, shuffle=False, buffer_shards=10)
+    assert flat(list(fixed)) == sorted(flat(list(fixed)))  # stored order
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_yields_exactly_the_remaining_batches(cache, num_workers):
+    def loader(state=None, epoch=1):
+        dataset = CacheDataset(cache, batch_size=2, seed=11, buffer_shards=1)
+        dataset.set_epoch(epoch)
+        if state is not None:
+            dataset.load_state_dict(state)
+        return CacheDataLoader(dataset, num_workers=num_workers)
+
+    full = indices(list(loader()))
+    assert len(full) > 12
+    for m in (0, 1, 5, len(full) - 1, len(full)):
+        first = loader()
+        iterator = iter(first)
+        got = [tuple(next(iterator).example_indices.tolist()) for _ in range(m)]
+        state = first.state_dict()
+        assert state["epoch"] == 1 and state["batches"] == m
+        assert got == full[:m]
+        # Resume in a fresh process-like object; then interrupt again and resume once more.
+        second = loader(state, epoch=0)  # load_state_dict sets the epoch
+        rest = []
+        for batch in second:
+            rest.append(tuple(batch.example_indices.tolist()))
+            if len(rest) == 2:
+                break
+        third = loader(second.state_dict(), epoch=0)
+        rest += indices(list(third))
+        assert rest == full[m:]
+
+
+def test_resume_refuses_other_settings(cache):
+    dataset = CacheDataset(cache, batch_size=2)
+    next(iter(dataset))
+    state = dataset.state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        CacheDataset(cache, batch_size=3).load_state_dict(state)
+    other = CacheDataset(cache, batch_size=2)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="num_workers"):
+        next(iter(CacheDataLoader(other, num_workers=2)))
+
+
+def test_set_epoch_to_another_epoch_drops_resume_state(cache):
+    dataset = CacheDataset(cache, batch_size=2)
+    full = indices(list(dataset))
+    state = {**dataset.state_dict(), "batches": 3, "worker_batches": [3]}
+    dataset.load_state_dict(state)
+    dataset.set_epoch(0)  # the same epoch: still resuming
+    assert indices(list(dataset)) == full[3:]
+    assert indices(list(dataset)) == full  # a second pass over the epoch is whole again
+    dataset.load_state_dict(state)
+    dataset.set_epoch(1)
+    assert sorted(flat(list(dataset))) == sorted(flat([b for b in []] + list(CacheDataset(cache, batch_size=2))))
+
+
+def test_heldout_and_train_are_disjoint_and_cover_everything(cache, examples):
+    def split(name, seed=0):
+        return flat(list(CacheDataset(cache, batch_size=4, split=name, heldout_fraction=0.3, seed=seed)))
+
+    train, heldout = split("train"), split("heldout")
+    assert len(train) == len(set(train)) and len(heldout) == len(set(heldout))
+    assert heldout and not set(train) & set(heldout)
+    assert sorted(train + heldout) == sorted(examples)
+    assert set(split("heldout", seed=9)) == set(heldout)  # the shuffle seed does not move examples across splits
+    assert set(flat(list(CacheDataset(cache, batch_size=4, split="heldout", heldout_fraction=0.0)))) == set()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_token_budget_is_respected(cache, examples, multiple):
+    longest = max(len(e.input_ids) for e in examples.values())
+    budget = 3 * longest
+    dataset = CacheDataset(cache, max_tokens=budget, split="all", pad_to_multiple_of=multiple, buffer_shards=2)
+    batches = list(dataset)
+    assert sorted(flat(batches)) == sorted(examples)
+    for batch in batches:
+        b, length = batch.input_ids.shape
+        assert b * length <= budget and length % multiple == 0
+        assert length - int(batch.attention_mask.sum(1).max()) < multiple
+    assert max(b.input_ids.shape[0] for b in batches) > 1
+    capped = list(CacheDataset(cache, max_tokens=10 * budget, batch_size=2, split="all"))
+    assert max(b.input_ids.shape[0] for b in capped) == 2
+    with pytest.raises(ValueError, match="max_tokens"):
+        list(CacheDataset(cache, max_tokens=longest - 1, split="all"))
+
+
+def test_k_prime_folds_dropped_mass_into_the_tail(cache):
+    full = next(iter(CacheDataset(cache, batch_size=4, seed=2)))
+    cut = next(iter(CacheDataset(cache, batch_size=4, seed=2, k_prime=5)))
+    assert cut.targets.ids.shape[1] == 5 and torch.equal(cut.targets.ids, full.targets.ids[:, :5])
+    assert torch.equal(cut.targets.logprobs, full.targets.logprobs[:, :5])
+    expected = torch.logsumexp(torch.cat([full.targets.tail_logmass[:, None], full.targets.logprobs[:, 5:]], 1), 1)
+    torch.testing.assert_close(cut.targets.tail_logmass, expected)
+    with pytest.raises(ValueError, match="k_prime"):
+        CacheDataset(cache, batch_size=4, k_prime=17)
+
+
+def _damaged_copy(cache, tmp_path, how) -> str:
+    target = tmp_path / "damaged"
+    shutil.copytree(cache, target)
+    tokens = target / "shards" / "00002" / "tokens.zarr"
+    if how == "flip":
+        chunk = tokens / "sparse_logprobs" / "c" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        for i in range(16, len(data), 7):
+            data[i] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    else:
+        shutil.rmtree(tokens)
+    return str(target)
+
+
+@pytest.mark.parametrize("how", ["flip", "delete"])
+def test_corrupt_shard_raises_cache_format_error_naming_it(cache, tmp_path, how):
+    damaged = _damaged_copy(cache, tmp_path, how)
+    with pytest.raises(CacheFormatError, match="shard 00002 of"):
+        list(CacheDataset(damaged, batch_size=2, split="all"))
+    with pytest.raises(CacheFormatError, match="shard 00002 of"):  # also from a worker process
+        list(CacheDataLoader(CacheDataset(damaged, batch_size=2, split="all"), num_workers=2))
