@@ -205,5 +205,74 @@ def cache_finalize(path) -> None:
     click.echo(f"finalized {path}: {manifest['num_shards']} shards, {manifest['counts']['num_examples']} examples")
 
 
+_TRAIN_OPTIONS = {
+    "cache_path": "cache",
+    "student": "student",
+    "out": "out",
+    "loss": "loss.kind",
+    "temperature": "loss.temperature",
+    "alpha": "loss.alpha",
+    "top_k": "loss.top_k",
+    "lora_r": "lora.r",
+    "profile": "profile",
+    "batch_size": "batch_size",
+    "max_steps": "max_steps",
+    "lr": "lr",
+}
+
+
+@main.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML job spec (see jobs/).")
+@click.option("--cache", "cache_path", help="Cache folder or fsspec URL written by `kdcache cache build`.")
+@click.option("--student", help="Student model: a local folder or a hub id with weights available locally.")
+@click.option("--out", help="Run folder: checkpoints, metrics.jsonl, best/ and final/ (resumed when it exists).")
+@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd",
+                                           "tv", "topk_forward_kl", "sampled_ce"]), help="Distillation loss [forward_kl].")
+@click.option("--temperature", type=float, help="Distillation temperature T [1.0].")
+@click.option("--alpha", type=float, help="Weight of cross-entropy on the target tokens; 1 - alpha goes to KD [0.5].")
+@click.option("--top-k", type=int, help="Use only the first k' <= k cached entries.")
+@click.option("--lora-r", type=int, help="LoRA rank [16]; --set lora.enabled=false for full fine-tuning.")
+@click.option("--profile", type=click.Choice(["auto", "cpu", "t4", "bf16"]), help="Precision profile [auto].")
+@click.option("--batch-size", type=int, help="Examples per micro-batch [8].")
+@click.option("--max-steps", type=int, help="Optimizer steps [100].")
+@click.option("--lr", type=float, help="Peak learning rate [2e-4].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. grad_accum=4.")
+@friendly_errors
+def train_command(config_path, no_progress, overrides, **options) -> None:
+    """Distill a student from a cache alone: the teacher is never loaded.
+
+    \b
+    Re-running the same command resumes from the last checkpoint (model, optimizer, scaler, scheduler, RNG and
+    loader position). The held-out split of the cache is evaluated every eval_every steps.
+    """
+    from kdcache.config import TrainConfig, load_config
+    from kdcache.train.trainer import train
+
+    assignments = [f"{_TRAIN_OPTIONS[name]}={json.dumps(value)}" for name, value in options.items() if value is not None]
+    if no_progress:
+        assignments.append("progress=false")
+    config = load_config(TrainConfig, config_path, [*assignments, *overrides])
+    result = train(config)
+    click.echo(f"trained to step {result.step} in {result.out}" + (" (stopped early)" if result.stopped_early else ""))
+    if result.evals:
+        last = result.evals[-1]
+        click.echo(f"held-out KD loss {last['heldout_kd']:.4f}, top-1 agreement with the teacher "
+                   f"{last['heldout_top1_agreement']:.3f} at step {last['step']}")
+
+
+@main.command("export")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="A LoRA adapter folder (a run's final/ or best/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@click.option("--base", help="Base model, when not the one named in the adapter's config.")
+@friendly_errors
+def export_command(adapter, out, base) -> None:
+    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment."""
+    from kdcache.train.export import merge_adapter
+
+    merge_adapter(adapter, out, base)
+    click.echo(f"merged {adapter} into {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -132,6 +132,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise BadInputError(f"config key '{where}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -188,3 +193,58 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(cls, data)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft; `enabled: false` trains every weight (full fine-tuning)."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LossSettings:
+    """What the student is trained on: alpha * CE + (1 - alpha) * distillation loss (docs/losses.md)."""
+
+    kind: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv",
+                  "topk_forward_kl", "sampled_ce"] = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    skew: float = 0.1
+    beta: float = 0.5
+    top_k: int | None = None  # use only the first k' <= k cached entries
+    confidence_weight: bool = False  # weight positions by the teacher's top-1 probability
+
+
+@dataclass
+class TrainConfig:
+    """Everything `kdcache train` needs: a cache, a student, and how to train it."""
+
+    cache: str = ""
+    student: str = ""  # a local folder or a hub id (weights already available locally)
+    out: str = ""
+    loss: LossSettings = field(default_factory=LossSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    profile: Literal["auto", "cpu", "t4", "bf16"] = "auto"  # t4: fp16 autocast + GradScaler; bf16: newer GPUs
+    batch_size: int = 8
+    max_tokens: int | None = None  # token budget per batch (padded); batch_size is then an upper bound
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_steps: int = 100
+    clip_grad: float = 1.0
+    chunk_size: int = 1024  # target positions projected through the LM head at once
+    gradient_checkpointing: bool = False
+    heldout_fraction: float = 0.1
+    eval_every: int = 50
+    patience: int | None = None  # stop after this many evaluations without improvement
+    save_every: int = 50
+    seed: int = 0
+    progress: bool = True

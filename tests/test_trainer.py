@@ -1,0 +1,117 @@
+"""The trainer distills from the cache alone, resumes exactly, and refuses what does not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_config
+
+from kdcache.cli import main
+from kdcache.config import TrainConfig, load_config
+from kdcache.errors import CacheFormatError, IncompatibleCacheError
+from kdcache.teacher.build import build_cache
+from kdcache.tiny import build_qwen2, build_tokenizer, save_model
+from kdcache.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def sharp_cache(tmp_path_factory, tokenizer, data_file) -> str:
+    """A cache from a teacher whose LM head is scaled up, so its distributions have clear top-1 tokens."""
+    root = tmp_path_factory.mktemp("trainer")
+    teacher = build_qwen2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=11, tie_embeddings=False)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+    folder = save_model(teacher, tokenizer, root / "teacher")
+    build_cache(make_config(root / "cache", folder, data_file, "template.distill=all", "shard_size=6",
+                            "sparsifier.k=32"))
+    return str(root / "cache")
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tokenizer) -> str:
+    model = build_qwen2(len(tokenizer), hidden_size=64, layers=1, heads=2, seed=5)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("student"))
+
+
+def config(cache, student, out, *overrides) -> TrainConfig:
+    return load_config(TrainConfig, None, [
+        f"cache={cache}", f"student={student}", f"out={out}", "profile=cpu", "batch_size=4", "lr=3e-3",
+        "lora.enabled=false", "heldout_fraction=0.25", "eval_every=10", "save_every=10", "chunk_size=64",
+        "loss.alpha=0.0", "progress=false", *overrides])
+
+
+def test_short_run_lowers_heldout_kd_and_raises_agreement(tmp_path, sharp_cache, student_dir):
+    result = train(config(sharp_cache, student_dir, tmp_path / "run", "max_steps=40", "eval_every=1000"))
+    assert result.step == 40
+    from kdcache.train.loader import CacheDataset
+    from kdcache.train.losses import LossConfig
+    from kdcache.train.student import load_student, resolve_precision
+    from kdcache.train.trainer import evaluate
+    from kdcache.config import LoraConfig
+
+    precision = resolve_precision("cpu", True)
+    heldout = CacheDataset(sharp_cache, split="heldout", heldout_fraction=0.25, batch_size=4, shuffle=False)
+    before = evaluate(load_student(student_dir, precision, LoraConfig(enabled=False), heldout.vocab_size),
+                      heldout, LossConfig(alpha=0.0), precision, 64)
+    after = evaluate(load_student(str(tmp_path / "run" / "final"), precision, LoraConfig(enabled=False),
+                                  heldout.vocab_size), heldout, LossConfig(alpha=0.0), precision, 64)
+    assert after["heldout_kd"] < 0.8 * before["heldout_kd"], (before, after)
+    assert after["heldout_top1_agreement"] > before["heldout_top1_agreement"] + 0.05, (before, after)
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, sharp_cache, student_dir):
+    overrides = ["max_steps=8", "save_every=3", "eval_every=4", "lora.enabled=true", "lora.r=4",
+                 "lora.dropout=0.1"]
+    train(config(sharp_cache, student_dir, tmp_path / "straight", *overrides))
+    first = train(config(sharp_cache, student_dir, tmp_path / "resumed", *overrides), stop_after_steps=5)
+    assert first.step == 5 and not (tmp_path / "resumed" / "final").exists()
+    train(config(sharp_cache, student_dir, tmp_path / "resumed", *overrides))  # resumes from the step-3 checkpoint
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [s for s, _ in resumed] == list(range(1, 9))
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path, sharp_cache):
+    other = build_tokenizer(["entirely different words for another vocabulary"] * 20, vocab_size=300)
+    folder = save_model(build_qwen2(len(other), hidden_size=32, layers=1, heads=2), other, tmp_path / "other")
+    with pytest.raises(IncompatibleCacheError, match="was built with tokenizer"):
+        train(config(sharp_cache, folder, tmp_path / "run", "max_steps=1"))
+
+
+def test_corrupt_shard_met_during_training_is_named(tmp_path, sharp_cache, student_dir):
+    copy = tmp_path / "cache"
+    shutil.copytree(sharp_cache, copy)
+    shutil.rmtree(copy / "shards" / "00002" / "tokens.zarr")
+    result = CliRunner().invoke(main, ["train", "--cache", str(copy), "--student", student_dir, "--out",
+                                       str(tmp_path / "run"), "--max-steps", "20", "--profile", "cpu",
+                                       "--no-progress", "--set", "lora.enabled=false"])
+    assert result.exit_code == 2, result.output
+    assert "shard 00002" in result.output and "cannot be read" in result.output
+    with pytest.raises(CacheFormatError, match="shard 00002"):
+        train(config(str(copy), student_dir, tmp_path / "run2", "max_steps=20"))
+
+
+def test_export_merges_a_lora_adapter(tmp_path, sharp_cache, student_dir):
+    train(config(sharp_cache, student_dir, tmp_path / "run", "max_steps=2", "lora.enabled=true", "lora.r=4"))
+    result = CliRunner().invoke(main, ["export", "--adapter", str(tmp_path / "run" / "final"), "--out",
+                                       str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir),
+                                        tmp_path / "run" / "final").eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
