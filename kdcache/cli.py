@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -259,6 +260,30 @@ def train_command(config_path, no_progress, overrides, **options) -> None:
         last = result.evals[-1]
         click.echo(f"held-out KD loss {last['heldout_kd']:.4f}, top-1 agreement with the teacher "
                    f"{last['heldout_top1_agreement']:.3f} at step {last['step']}")
+
+
+@main.command("ablate")
+@click.option("--cache", "cache_path", required=True, help="The cache every run trains from.")
+@click.option("--grid", "grid_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="YAML with `base:` settings and a `grid:` of config keys to lists of values (jobs/ablation-*.yaml).")
+@click.option("--out", required=True, help="Folder for the runs and the table (ablation.csv, ablation.md).")
+@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True)
+@click.option("--trials", type=int, default=10, show_default=True, help="Trials for --search optuna.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every run.")
+@friendly_errors
+def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> None:
+    """Train one student per grid point (or per Optuna trial) from the same cache; write one table of metrics.
+
+    \b
+    Grid keys may be any config key: loss.kind, loss.temperature, loss.alpha, loss.top_k (k' <= the cache's k),
+    loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    """
+    from kdcache.train.ablate import run_grid, run_optuna
+
+    rows = (run_grid(cache_path, grid_path, out, overrides) if search == "grid"
+            else run_optuna(cache_path, grid_path, out, trials, overrides))
+    click.echo(f"{len(rows)} runs; table in {out}/ablation.md and {out}/ablation.csv")
+    click.echo((Path(out) / "ablation.md").read_text())
 
 
 @main.command("export")

@@ -115,3 +115,30 @@ def test_export_merges_a_lora_adapter(tmp_path, sharp_cache, student_dir):
     ids = torch.tensor([[1, 5, 9, 20, 33]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ablation_grid_writes_one_row_per_run(tmp_path, sharp_cache, student_dir):
+    import csv
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {{student: {student_dir}, profile: cpu, batch_size: 4, max_steps: 2, eval_every: 2, save_every: 2,\n"
+        "       heldout_fraction: 0.25, lora: {enabled: true, r: 2}, progress: false}\n"
+        "grid:\n  loss.kind: [forward_kl, reverse_kl]\n  loss.top_k: [4, 32]\n")
+    result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(grid), "--out",
+                                       str(tmp_path / "abl")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
+    assert sorted((r["loss.kind"], r["loss.top_k"]) for r in rows) == [
+        ("forward_kl", "32"), ("forward_kl", "4"), ("reverse_kl", "32"), ("reverse_kl", "4")]
+    assert all(float(r["heldout_forward_kl"]) > 0 and r["steps"] == "2" for r in rows)
+    saved = json.loads((tmp_path / "abl" / "run-001" / "train_config.json").read_text())
+    assert saved["loss"]["kind"] == "forward_kl" and saved["loss"]["top_k"] == 32
+    assert "| run |" in (tmp_path / "abl" / "ablation.md").read_text()
+
+
+def test_shipped_train_job_specs_parse():
+    from conftest import REPO
+
+    for job in sorted((REPO / "jobs").glob("train-*.yaml")):
+        load_config(TrainConfig, job)

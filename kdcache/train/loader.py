@@ -5,7 +5,8 @@ same settings sees the same batches):
 
 1. The shards are permuted with ``(seed, epoch)`` (``shuffle=False``: stored order).
 2. Rank ``r`` of ``world_size`` takes every ``world_size``-th shard of that order (``order[r::world_size]``). With
-   fewer shards than ranks every rank reads every shard and keeps every ``world_size``-th example instead.
+   fewer shards than ranks every rank reads every shard and keeps every ``world_size``-th example of the shard
+   stream instead.
 3. The rank's shards are grouped into buffers of ``buffer_shards`` consecutive shards; buffer ``b`` is produced by
    DataLoader worker ``b % num_workers``. Each buffer's examples are filtered by ``split``, shuffled with
    ``(seed, epoch, rank, b)``, and cut into batches: a fixed ``batch_size``, or, with ``max_tokens``, greedily packed
@@ -326,7 +327,9 @@ class CacheDataset(IterableDataset):
             if sparsifier["kind"] != "topk":
                 raise ValueError(f"k_prime applies to topk caches; this cache is '{sparsifier['kind']}'")
             if isinstance(k_prime, bool) or not isinstance(k_prime, int) or not 1 <= k_prime <= sparsifier["k"]:
-                raise ValueError(f"k_prime must be an integer in [1, {sparsifier['k']}] (the cache's k), got {k_prime!r}")
+                raise ValueError(
+                    f"k_prime must be an integer in [1, {sparsifier['k']}] (the cache's k), got {k_prime!r}"
+                )
 
         self.batch_size = batch_size
         self.max_tokens = max_tokens
@@ -469,8 +472,9 @@ class CacheDataset(IterableDataset):
             self._note_consumed(batch, batch.load_seconds)
             yield batch
 
-    def _plan(self) -> tuple[list[list[int]], int | None]:
-        """This rank's buffers (lists of shard indices) for the current epoch, and the example stride (or None)."""
+    def _plan(self) -> tuple[list[list[int]], list[int], int | None]:
+        """This rank's buffers (lists of shard indices) for the current epoch, the number of examples stored before
+        each buffer in the rank's shard stream, and the example stride across ranks (None: shards are split)."""
         order = np.arange(self.num_shards)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self._epoch, 0]).permutation(self.num_shards)
@@ -480,16 +484,18 @@ class CacheDataset(IterableDataset):
             mine, stride = order, self.world_size
         mine = [int(s) for s in mine]
         buffers = [mine[i : i + self.buffer_shards] for i in range(0, len(mine), self.buffer_shards)]
-        return buffers, stride
+        sizes = [sum(int(self.manifest["shards"][s]["num_examples"]) for s in buffer) for buffer in buffers]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if buffers else []
+        return buffers, offsets, stride
 
     def _produce(self, worker: int, num_workers: int, resume: _Resume | None) -> Iterator[CacheBatch]:
         logical = worker if resume is None else (worker + resume.next_worker) % num_workers
         skip = 0 if resume is None else resume.worker_batches[logical]
-        buffers, stride = self._plan()
+        buffers, offsets, stride = self._plan()
         produced = 0
         t0 = time.perf_counter()
         for b in range(logical, len(buffers), num_workers):
-            examples = self._buffer_examples(b, buffers[b], stride)
+            examples = self._buffer_examples(b, buffers[b], offsets[b], stride)
             for group in self._batches(b, examples):
                 if produced < skip:
                     produced += 1
@@ -501,12 +507,12 @@ class CacheDataset(IterableDataset):
                 yield batch
                 t0 = time.perf_counter()
 
-    def _buffer_examples(self, b: int, shards: list[int], stride: int | None) -> list[CachedExample]:
+    def _buffer_examples(self, b: int, shards: list[int], offset: int, stride: int | None) -> list[CachedExample]:
         examples: list[CachedExample] = []
         for shard in shards:
             examples.extend(split_examples(self.reader.read_shard(shard)))  # CacheFormatError propagates as is
-        if stride is not None:
-            examples = examples[self.rank :: stride]
+        if stride is not None:  # example j of the (shared) shard stream belongs to rank j % world_size
+            examples = examples[(self.rank - offset) % stride :: stride]
         if self.split != "all" and examples:
             held = heldout_mask([e.index for e in examples], self.heldout_fraction, self.split_seed)
             keep = held if self.split == "heldout" else ~held

@@ -56,12 +56,15 @@ def lr_lambda(config: TrainConfig):
 
 @torch.no_grad()
 def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int) -> dict:
-    """Held-out distillation loss (alpha = 0) and agreement of the student's top-1 with the teacher's top-1."""
+    """Held-out distillation loss (the run's own, alpha = 0), forward KL at T = 1 on the (k+1) buckets (comparable
+    across runs with different losses), and agreement of the student's top-1 with the teacher's top-1."""
     model.eval()
     kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
     kd_only = LossConfig(kind=losses.kind, temperature=losses.temperature, alpha=0.0, skew=losses.skew,
                          beta=losses.beta, top_k=losses.top_k)
+    common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
+    fkl_sum = 0.0
     for batch in dataset:
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
@@ -74,12 +77,14 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = _slice_targets(batch.targets, part)
             kd_sum += float(kd_loss(kd_only, logits, targets, reduction="none").sum())
+            fkl_sum += float(kd_loss(common, logits, targets, reduction="none").sum())
             agree += float((logits.argmax(-1) == targets.ids[:, 0].long()).sum())
             count += logits.shape[0]
     model.train()
     if count == 0:
         raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
-    return {"heldout_kd": kd_sum / count, "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
+    return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
+            "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
 
 
 def _slice_targets(targets, part: slice):

@@ -1,0 +1,150 @@
+"""The chunked student loss equals the loss on full logits, in value and gradient, without full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_config
+
+import kdcache.train.student_forward as student_forward
+from kdcache.teacher.build import build_cache
+from kdcache.tiny import build_qwen2
+from kdcache.train.loader import CacheDataset
+from kdcache.train.losses import LossConfig, SparseTargets, distillation_loss, teacher_confidence_weight
+from kdcache.train.student_forward import chunked_distillation_loss
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, teacher_dir, data_file):
+    """One padded batch of 4 cached examples (12 target positions, top-16 targets)."""
+    path = tmp_path_factory.mktemp("student") / "cache"
+    build_cache(make_config(path, teacher_dir, data_file, "data.limit=8"))
+    dataset = CacheDataset(str(path), batch_size=4, split="all", seed=0)
+    batch = next(iter(dataset))
+    assert batch.input_ids.shape[0] == 4 and batch.num_targets > 4
+    return batch, dataset.vocab_size
+
+
+def student(vocab_rows: int):
+    model = build_qwen2(vocab_rows, hidden_size=32, layers=1, heads=2, seed=7)
+    return model.train()
+
+
+def reference(model, batch, config, vocab_size=None, weights=None):
+    """Full [B, L, V] logits, gathered at positions t - 1, then distillation_loss."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    selected = logits[rows, cols - 1]
+    if vocab_size is not None:
+        selected = selected[:, :vocab_size]
+    return distillation_loss(config, selected, batch.targets, batch.labels, weights=weights)
+
+
+def loss_and_grads(fn, model):
+    model.zero_grad(set_to_none=True)
+    loss, parts = fn()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), parts, grads
+
+
+def assert_same(a, b):
+    loss_a, parts_a, grads_a = a
+    loss_b, parts_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert parts_a.keys() == parts_b.keys()
+    for key in parts_a:
+        torch.testing.assert_close(parts_a[key], parts_b[key], atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+CONFIGS = {
+    "fkl_ce": LossConfig(kind="forward_kl", alpha=0.5),
+    "rkl": LossConfig(kind="reverse_kl", alpha=0.0, temperature=2.0),
+    "jsd_topk": LossConfig(kind="jsd", alpha=0.2, top_k=5),
+    "ce_only": LossConfig(kind="forward_kl", alpha=1.0),
+}
+
+
+CASES = [("fkl_ce", 1), ("fkl_ce", 3), ("fkl_ce", 1000), ("rkl", 3), ("jsd_topk", 1), ("ce_only", 1000)]
+
+
+@pytest.mark.parametrize("config,chunk_size", CASES, ids=[f"{c}-{n}" for c, n in CASES])
+def test_chunked_equals_full_logits(batch, config, chunk_size):
+    batch, vocab = batch
+    config = CONFIGS[config]
+    model = student(vocab)
+    expected = loss_and_grads(lambda: reference(model, batch, config), model)
+    got = loss_and_grads(lambda: chunked_distillation_loss(
+        model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels, config,
+        chunk_size=chunk_size), model)
+    assert_same(got, expected)
+    assert len(got[2]) == len(list(model.parameters()))  # every parameter gets a gradient
+
+
+def test_weights_and_ignored_labels(batch):
+    batch, vocab = batch
+    config = LossConfig(kind="skew_forward_kl", alpha=0.3)
+    model = student(vocab)
+    weights = teacher_confidence_weight(batch.targets)
+    weights[0] = 0.0
+    labels = batch.labels.clone()
+    labels[1] = -100
+    batch_ce = type(batch)(**{**batch.__dict__, "labels": labels})
+    expected = loss_and_grads(lambda: reference(model, batch_ce, config, weights=weights), model)
+    got = loss_and_grads(lambda: chunked_distillation_loss(
+        model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, labels, config,
+        chunk_size=2, weights=weights), model)
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size):
+    batch, vocab = batch
+    config = LossConfig(kind="forward_kl", alpha=0.5)
+    model = student(vocab + 40)  # embedding rows past the tokenizer, as Qwen2.5 has
+    expected = loss_and_grads(lambda: reference(model, batch, config, vocab_size=vocab), model)
+    got = loss_and_grads(lambda: chunked_distillation_loss(
+        model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, None, config,
+        chunk_size=chunk_size, vocab_size=vocab), model)  # labels taken from input_ids
+    assert_same(got, expected)
+    unsliced = reference(model, batch, config)[0].detach()
+    assert not torch.allclose(unsliced, got[0], atol=1e-4)  # the padding columns would have changed the loss
+    with pytest.raises(ValueError, match="vocab_size"):
+        chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets,
+                                  None, config, vocab_size=vocab + 41)
+
+
+def test_logits_exist_one_chunk_at_a_time_and_are_recomputed_in_backward(batch, monkeypatch):
+    batch, vocab = batch
+    calls = []
+    original = student_forward.output_logits
+
+    def recording(model, hidden):
+        calls.append(tuple(hidden.shape))
+        return original(model, hidden)
+
+    monkeypatch.setattr(student_forward, "output_logits", recording)
+    model = student(vocab)
+    n, chunk = batch.num_targets, 3
+    loss, _ = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                        batch.targets, batch.labels, LossConfig(), chunk_size=chunk)
+    chunks = -(-n // chunk)
+    assert len(calls) == chunks and all(len(shape) == 2 and shape[0] <= chunk for shape in calls)
+    loss.backward()
+    assert len(calls) == 2 * chunks  # each chunk's logits recomputed, one at a time
+    assert sum(rows for rows, _ in calls[:chunks]) == n
+
+
+def test_no_targets_gives_zero_loss_that_backpropagates(batch):
+    batch, vocab = batch
+    model = student(vocab)
+    empty = SparseTargets(ids=torch.zeros(0, 16, dtype=torch.long), logprobs=torch.zeros(0, 16),
+                          tail_logmass=torch.zeros(0))
+    no_targets = torch.zeros_like(batch.target_mask)
+    loss, parts = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, no_targets, empty,
+                                            torch.zeros(0, dtype=torch.long), LossConfig())
+    assert loss.item() == 0.0 and set(parts) == {"ce", "kd"}
+    loss.backward()
