@@ -326,6 +326,55 @@ def teacher_confidence_weight(targets: SparseTargets) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+class _StudentBuckets(torch.autograd.Function):
+    """Student (k+1)-bucket log-probabilities from logits, with a hand-written backward.
+
+    Autograd through log_softmax + gather + masked logsumexp keeps several [N, V] tensors alive and makes about ten
+    passes over them; this keeps none (the logits are the caller's) and makes about four. Gradient w.r.t. the
+    tempered logits zs = z / T, with p = softmax(zs), g the upstream gradient, G = sum(g) and tail set R:
+    d/dzs_i = -G p_i + g_tail p_i / P_R for i in R, plus g_j where i = ids_j.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, valid: Tensor, temperature: float) -> Tensor:
+        dtype = _compute_dtype(logits)
+        zs = logits.to(dtype) / temperature
+        lse = torch.logsumexp(zs, dim=-1)
+        gathered = zs.gather(1, ids)
+        lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
+        # Padding columns are redirected to column 0's id, so duplicate writes always agree.
+        ids_safe = torch.where(valid, ids, ids[:, :1])
+        valid_safe = valid | valid[:, :1]
+        masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
+                                                      zs.gather(1, ids_safe)))
+        lse_tail = torch.logsumexp(masked, dim=-1)
+        del zs, masked
+        ctx.save_for_backward(logits, ids_safe, valid, valid_safe, lse, lse_tail)
+        ctx.temperature = temperature
+        return torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, ids_safe, valid, valid_safe, lse, lse_tail = ctx.saved_tensors
+        T = ctx.temperature
+        dtype = _compute_dtype(logits)
+        grad = grad.to(dtype)
+        tail_finite = torch.isfinite(lse_tail)
+        g_top = torch.where(valid, grad[:, :-1], torch.zeros_like(grad[:, :-1]))
+        g_tail = torch.where(tail_finite, grad[:, -1], torch.zeros_like(grad[:, -1]))
+        total = g_top.sum(dim=-1) + g_tail
+        zs = logits.to(dtype) / T
+        # p_i / P_R = exp(zs_i - lse_tail) <= 1 on the tail, where it is used; id columns are overwritten below.
+        safe_tail = torch.where(tail_finite, lse_tail, torch.full_like(lse_tail, float("inf")))
+        tail_term = (zs - safe_tail[:, None]).exp_().mul_(g_tail[:, None])
+        tail_term.scatter_(1, ids_safe, torch.where(valid_safe, torch.zeros_like(g_top),
+                                                    tail_term.gather(1, ids_safe)))
+        out = zs.sub_(lse[:, None]).exp_().mul_(-total[:, None]).add_(tail_term)
+        del tail_term
+        out.scatter_add_(1, ids_safe, g_top)
+        return out.div_(T).to(logits.dtype), None, None, None
+
+
 def bucket_logprobs(
     student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
@@ -345,16 +394,9 @@ def bucket_logprobs(
     T = float(temperature)
     ids, valid = _valid_ids(targets, student_logits.device)
 
-    # Student.
-    z = student_logits.to(dtype) / T
-    lse_all = _logsumexp(z, dim=-1)
-    neg_inf = torch.full(ids.shape, _NEG_INF, dtype=dtype, device=z.device)
-    lp_top = torch.where(valid, z.gather(1, ids) - lse_all[:, None], neg_inf)
-    # Mask of the bucketed ids; padding is routed to an extra column that is dropped.
-    mask = torch.zeros(n, vocab + 1, dtype=torch.bool, device=z.device)
-    mask.scatter_(1, torch.where(valid, ids, torch.full_like(ids, vocab)), True)
-    lp_tail = _logsumexp(z.masked_fill(mask[:, :vocab], _NEG_INF), dim=-1) - lse_all
-    log_p = torch.cat([lp_top, lp_tail[:, None]], dim=1)
+    # Student (hand-written backward: see _StudentBuckets).
+    log_p = _StudentBuckets.apply(student_logits, ids, valid, T)
+    z = log_p  # device and dtype reference for the teacher side
 
     # Teacher.
     t_lp = targets.logprobs.detach().to(dtype=dtype, device=z.device).masked_fill(~valid, _NEG_INF)
