@@ -1,4 +1,4 @@
-"""The `kdcache` command line: cache build | info | verify | finalize (train, eval and demo follow in later work)."""
+"""The `kdcache` command line: cache build|info|verify|finalize, train, ablate, export, eval, compare."""
 
 from __future__ import annotations
 
@@ -298,6 +298,15 @@ def export_command(adapter, out, base) -> None:
     merge_adapter(adapter, out, base)
     click.echo(f"merged {adapter} into {out}")
 
+
+def _register_subcommands() -> None:
+    from kdcache.eval.commands import compare_command, eval_command
+
+    main.add_command(eval_command)
+    main.add_command(compare_command)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,277 @@
+"""`kdcache eval`: one model over one labelled dataset -> metrics.json, predictions.parquet, report.md and plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kdcache.config import DataConfig
+from kdcache.data.sources import BadRow, Row, read_rows
+from kdcache.errors import BadInputError
+from kdcache.eval import metrics as M
+from kdcache.eval.scoring import (
+    UNPARSED,
+    generate,
+    label_probabilities,
+    label_token_ids,
+    load_model,
+    parse_label,
+    prompt_ids,
+    score_labels,
+    template_for,
+    uses_chat_template,
+)
+from kdcache.eval.speed import peak_memory, reset_peak_memory, speed_summary, timed
+
+EVAL_FORMAT_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    """Everything `kdcache eval` needs. `labels` are scored (mode=score) or parsed from generations (generate)."""
+
+    model: str = ""  # a model folder, a peft adapter folder, or a hub id whose weights are already local
+    data: list[str] = field(default_factory=list)  # JSONL / CSV / Parquet files or `datasets` folders
+    out: str = ""
+    labels: list[str] = field(default_factory=list)
+    label_field: str = "label"  # the gold label (or, for generation metrics, the reference text or list)
+    prompt: str = "{input}"  # a format string over the row's fields
+    system: str | None = None
+    chat: Literal["auto", "yes", "no"] = "auto"
+    id_field: str | None = None  # default: the field `id` when every row has it, else the row number
+    data_format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = "auto"
+    negative_label: str | None = None  # e.g. "none": enables the binary relevance metrics
+    label_prefix: str = " "  # text between the prompt and a label, as in the training target (" {gs_paper}")
+    label_eos: bool = False  # score label + EOS (the label and nothing after it)
+    mode: Literal["score", "generate"] = "score"
+    max_new_tokens: int = 16
+    limit: int | None = None
+    batch_size: int = 8  # examples per forward pass (each scored with every label)
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    tokenizer: str | None = None
+    base: str | None = None  # the base model of an adapter, when not the one its config names
+    max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
+    n_bins: int = 10
+    bleu_smoothing: str = "exp"
+    warmup: bool = True  # run the first batch once, untimed, before measuring
+    plots: bool = True
+    progress: bool = False
+
+
+@dataclass
+class Example:
+    id: str
+    gold: Any  # a label string, or a reference text / list of texts
+    row: Row
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: dict
+    predictions: list[dict]
+    files: list[Path]
+
+
+def _check_config(config: EvalConfig) -> None:
+    if not config.model:
+        raise BadInputError("no model given: pass --model (a model folder, an adapter folder or a hub id)")
+    if not config.data:
+        raise BadInputError("no data given: pass --data (a JSONL, CSV or Parquet file, or a `datasets` folder)")
+    if not config.out:
+        raise BadInputError("no output folder given: pass --out")
+    if config.mode == "score" and not config.labels:
+        raise BadInputError("label scoring needs the label strings: pass --labels for each one (e.g. --labels GS1 "
+                            "--labels GS2 ...)")
+    if config.negative_label is not None and config.negative_label not in config.labels:
+        raise BadInputError(f"the negative label {config.negative_label!r} must be one of the labels "
+                            f"{config.labels}")
+    for name in ("batch_size", "max_length", "n_bins", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise BadInputError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.limit is not None and config.limit < 1:
+        raise BadInputError(f"limit must be at least 1, got {config.limit}")
+
+
+def load_examples(config: EvalConfig) -> list[Example]:
+    """The labelled examples, in file order; a row that cannot be used is an error naming its file and row."""
+    rows, bad = read_rows(DataConfig(paths=list(config.data), format=config.data_format, limit=config.limit))
+    if bad:
+        raise BadInputError(f"{len(bad)} unreadable rows in the data; the first: {bad[0]}")
+    if not rows:
+        raise BadInputError(f"no examples in {', '.join(config.data)}: there is nothing to evaluate")
+    id_field = config.id_field
+    if id_field is None and all("id" in row.fields for row in rows):
+        id_field = "id"
+    examples, seen = [], {}
+    for number, row in enumerate(rows):
+        if id_field is not None:
+            if row.fields.get(id_field) is None:
+                raise BadInputError(f"{row.where}: no id in field '{id_field}'")
+            example_id = str(row.fields[id_field])
+        else:
+            example_id = f"row-{number}"
+        if example_id in seen:
+            raise BadInputError(f"{row.where}: id {example_id!r} repeats {seen[example_id]}; ids must be unique "
+                                "(runs are matched by id)")
+        seen[example_id] = row.where
+        if config.label_field not in row.fields or row.fields[config.label_field] is None:
+            raise BadInputError(f"{row.where}: no gold label in field '{config.label_field}' (the row has: "
+                                f"{', '.join(sorted(row.fields))})")
+        gold = row.fields[config.label_field]
+        if isinstance(gold, (list, tuple)) and config.mode == "generate" and not config.labels:
+            gold = [str(g) for g in gold]
+        else:
+            gold = str(gold)
+        examples.append(Example(example_id, gold, row))
+    if config.labels:
+        unknown = sorted({e.gold for e in examples} - set(config.labels))
+        if unknown:
+            raise BadInputError(f"gold labels {unknown} in field '{config.label_field}' are not among the labels "
+                                f"{config.labels}: add them with --labels or fix the data")
+    return examples
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ex", desc="eval", disable=not enabled)
+
+
+def run_eval(config: EvalConfig) -> EvalResult:
+    """Evaluate one model and write metrics.json, predictions.parquet, report.md (and plots) to `config.out`."""
+    _check_config(config)
+    examples = load_examples(config)
+    loaded = load_model(config.model, config.device, config.dtype, config.tokenizer, config.base)
+    tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
+    template = template_for(config.prompt, config.system, config.chat)
+    chat_used = uses_chat_template(template, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    labels = list(config.labels)
+    label_ids = label_token_ids(tokenizer, labels, config.label_prefix, config.label_eos) if labels else []
+    if config.mode == "score":
+        room = config.max_length - max(len(ids) for ids in label_ids)
+    else:
+        room = config.max_length - config.max_new_tokens
+    if room < 1:
+        raise BadInputError(f"max_length {config.max_length} leaves no room for the prompt; raise --max-length")
+
+    def encode(batch: list[Example]) -> list[tuple[list[int], int]]:
+        try:
+            return [prompt_ids(template, tokenizer, e.row, room) for e in batch]
+        except BadRow as exc:
+            raise BadInputError(str(exc)) from None
+
+    def run_batch(batch: list[Example]):
+        encoded = encode(batch)
+        prompts = [ids for ids, _ in encoded]
+        if config.mode == "score":
+            out = score_labels(model, prompts, label_ids, pad_id, device)
+        else:
+            out = generate(model, prompts, tokenizer, config.max_new_tokens, device)
+        return encoded, out
+
+    batches = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
+    reset_peak_memory(device)
+    if config.warmup:
+        run_batch(batches[0])
+    batch_times: list[float] = []
+    records: list[dict] = []
+    with _progress(len(examples), config.progress) as bar:
+        for batch in batches:
+            with timed(device, batch_times):
+                encoded, out = run_batch(batch)
+            latency = batch_times[-1] / len(batch)
+            for j, example in enumerate(batch):
+                record = {"id": example.id,
+                          "gold": example.gold if isinstance(example.gold, str) else example.gold[0],
+                          "latency_s": latency, "prompt_tokens": len(encoded[j][0]),
+                          "prompt_truncated": encoded[j][1]}
+                if config.mode == "score":
+                    logliks = out[j]
+                    probs = label_probabilities(logliks)
+                    best = int(np.argmax(logliks))  # ties go to the first label
+                    record.update(predicted=labels[best], confidence=float(probs[best]))
+                    for label, p, ll in zip(labels, probs, logliks):
+                        record[f"prob_{label}"] = float(p)
+                        record[f"loglik_{label}"] = float(ll)
+                else:
+                    record["generated"] = out[j]
+                    record["predicted"] = parse_label(out[j], labels) if labels else None
+                    record["confidence"] = None
+                    record["references"] = [example.gold] if isinstance(example.gold, str) else list(example.gold)
+                record["correct"] = (record["predicted"] == record["gold"]) if labels else None
+                records.append(record)
+            bar.update(len(batch))
+    peak = peak_memory(device)
+
+    result: dict = {"kdcache_eval": EVAL_FORMAT_VERSION, "run": {
+        "model": config.model, "base": loaded.base, "tokenizer": config.tokenizer or None,
+        "data": list(config.data), "label_field": config.label_field, "labels": labels,
+        "negative_label": config.negative_label, "prompt": config.prompt, "system": config.system,
+        "chat_template_used": chat_used, "label_prefix": config.label_prefix, "label_eos": config.label_eos,
+        "mode": config.mode, "max_new_tokens": config.max_new_tokens if config.mode == "generate" else None,
+        "dtype": config.dtype, "limit": config.limit, "max_length": config.max_length,
+        "prompts_truncated": sum(1 for r in records if r["prompt_truncated"]),
+    }}
+    if labels:
+        confidences = [r["confidence"] for r in records] if config.mode == "score" else None
+        result.update(M.classification_metrics([r["gold"] for r in records], [r["predicted"] for r in records],
+                                               labels, confidences, config.negative_label, config.n_bins))
+        if config.mode == "generate":
+            result["unparsed"] = sum(r["predicted"] == UNPARSED for r in records)
+    else:
+        result["n"] = len(records)
+    if config.mode == "generate":
+        references = [r["references"] for r in records]
+        result["generation"] = M.generation_metrics([r["generated"] for r in records], references,
+                                                    config.bleu_smoothing)
+    result["size"] = {"parameters": loaded.parameters, "adapter_parameters": loaded.adapter_parameters,
+                      "size_on_disk_bytes": loaded.size_on_disk_bytes,
+                      "base_size_on_disk_bytes": loaded.base_size_on_disk_bytes}
+    result["speed"] = speed_summary([r["latency_s"] for r in records], sum(batch_times), config.batch_size,
+                                    device, peak, config.warmup)
+    result["speed"]["dtype"] = config.dtype
+    return write_run(config, result, records)
+
+
+def write_run(config: EvalConfig, result: dict, records: list[dict]) -> EvalResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdcache.eval import plots
+    from kdcache.eval.report import eval_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    path = out / "metrics.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    files.append(path)
+    path = out / "predictions.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    files.append(path)
+    (out / "eval_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    files.append(out / "eval_config.json")
+    images: dict[str, str] = {}
+    if config.plots and plots.available():
+        if "confusion" in result:
+            images["confusion"] = plots.confusion_matrices([("", result["confusion"])], out / "confusion.png").name
+        if "calibration" in result:
+            images["reliability"] = plots.reliability_diagram([("", result["calibration"])],
+                                                              out / "reliability.png").name
+        files.extend(out / name for name in images.values())
+    path = out / "report.md"
+    path.write_text(eval_report(result, images))
+    files.append(path)
+    return EvalResult(out, result, records, files)
+
+
+def strip_timing(metrics: dict) -> dict:
+    """The metrics without the fields that depend on wall time (for reproducibility checks)."""
+    return {key: value for key, value in metrics.items() if key != "speed"}

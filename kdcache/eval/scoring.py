@@ -1,0 +1,319 @@
+"""Classification by label scoring, and free generation with a label parser, for any causal LM folder.
+
+Label scoring: for each example the prompt (rendered with a TemplateConfig, wrapped in the tokenizer's chat
+template when it has one) is followed by each label's tokens, and the label's score is the sum of its tokens'
+log-likelihoods given the prompt. The prediction is the best label; the confidence is the softmax of the label
+scores (the model's probability of each label, renormalised over the label set).
+
+Prompt and label are tokenised separately and concatenated, exactly as `kdcache.data.encode` builds training
+sequences, so a student is scored on the token boundary it was trained on. Only the label positions go through
+the LM head, so no full-vocabulary logits are held for the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kdcache.config import TemplateConfig
+from kdcache.data.encode import prompt_text_for_model, uses_chat_template
+from kdcache.data.sources import Row
+from kdcache.data.templates import render
+from kdcache.errors import BadInputError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNPARSED = "unparsed"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BadInputError(f"unknown device {name!r} ({exc}); use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def folder_size(path: str | os.PathLike) -> int | None:
+    """Bytes of all files under a local folder (symlinks followed once), or None when it is not a local folder."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += (Path(dirpath) / name).stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate, with what the report says about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: str
+    path: str
+    base: str | None  # the base model of an adapter folder
+    parameters: int  # parameters of the model as evaluated (after merging an adapter)
+    adapter_parameters: int | None
+    size_on_disk_bytes: int | None  # the folder given (for an adapter: the adapter folder)
+    base_size_on_disk_bytes: int | None
+
+
+def is_adapter_folder(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenizer: str | None = None,
+               base: str | None = None, merge_adapter: bool = True) -> LoadedModel:
+    """Load a causal LM folder (or hub id already cached), or a peft adapter folder on top of its base model.
+
+    An adapter folder (one holding adapter_config.json) loads its base (`base`, else the one its config names),
+    applies the adapter and, by default, merges it in, as a deployment would. The tokenizer comes from
+    `tokenizer`, else the folder given, else the base model's folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise BadInputError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    torch_device = resolve_device(device)
+    adapter = is_adapter_folder(path)
+    base_name = None
+    if adapter:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        base_name = base or config.get("base_model_name_or_path")
+        if not base_name:
+            raise BadInputError(f"the adapter {path} does not name its base model; pass the base model explicitly")
+    source = base_name if adapter else path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot load the model '{source}': {exc}. Give a local folder with config and weights, or a hub id "
+            "whose weights are already downloaded"
+        ) from None
+    adapter_parameters = None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path)
+        adapter_parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    tokenizer_source = tokenizer or (path if (not adapter or _has_tokenizer(path)) else base_name)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load the tokenizer '{tokenizer_source}': {exc}") from None
+    model = model.to(torch_device).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    return LoadedModel(
+        model=model, tokenizer=tok, device=torch_device, dtype=dtype, path=path, base=base_name,
+        parameters=parameters, adapter_parameters=adapter_parameters, size_on_disk_bytes=folder_size(path),
+        base_size_on_disk_bytes=folder_size(base_name) if base_name else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+
+def prompt_ids(template: TemplateConfig, tokenizer, row: Row, max_prompt_tokens: int | None = None
+               ) -> tuple[list[int], int]:
+    """Token ids of a row's prompt as the model sees it (chat template honoured), cut from the left to fit.
+
+    Returns the ids and the number of tokens dropped from the left.
+    """
+    prompt_template = dataclasses.replace(template, target="", distill="all")
+    prompt, _ = render(prompt_template, row)
+    text, has_specials = prompt_text_for_model(template, tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=not has_specials)["input_ids"]
+    dropped = 0
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        dropped = len(ids) - max_prompt_tokens
+        ids = ids[dropped:]
+    if not ids:
+        anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [anchor if anchor is not None else 0]
+    return ids, dropped
+
+
+def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos: bool = False) -> list[list[int]]:
+    """The token ids scored for each label: `prefix + label` tokenised alone (plus EOS when asked)."""
+    if not labels:
+        raise BadInputError("no labels given: pass the label strings to score (e.g. --labels GS1 --labels GS2)")
+    if len(set(labels)) != len(labels):
+        raise BadInputError(f"the labels {list(labels)} contain duplicates")
+    result = []
+    for label in labels:
+        ids = tokenizer(prefix + label, add_special_tokens=False)["input_ids"]
+        if add_eos:
+            if tokenizer.eos_token_id is None:
+                raise BadInputError("label EOS asked for but the tokenizer has no EOS token")
+            ids = ids + [tokenizer.eos_token_id]
+        if not ids:
+            raise BadInputError(f"the label {label!r} tokenises to nothing")
+        result.append(ids)
+    seen: dict[tuple, str] = {}
+    for label, ids in zip(labels, result):
+        if tuple(ids) in seen:
+            raise BadInputError(f"the labels {seen[tuple(ids)]!r} and {label!r} tokenise to the same tokens")
+        seen[tuple(ids)] = label
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- label scoring
+
+
+def _lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Final hidden states without logits, or None when the model does not expose its decoder."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        return None
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+@torch.inference_mode()
+def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+                 device: torch.device | None = None, chunk_size: int = 1024) -> np.ndarray:
+    """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
+
+    All (prompt, label) pairs go through the model as one right-padded batch. Hidden states are taken at the
+    positions that predict label tokens only, and projected through the LM head `chunk_size` rows at a time;
+    log-softmax is done in float32 whatever the model's dtype.
+    """
+    if not prompts:
+        return np.zeros((0, len(labels)))
+    device = device or next(model.parameters()).device
+    sequences, starts = [], []
+    for prompt in prompts:
+        for label in labels:
+            sequences.append(list(prompt) + list(label))
+            starts.append(len(prompt))
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # (row, position predicting the token, token) for every label token of every sequence
+    rows, positions, targets = [], [], []
+    for i, seq in enumerate(sequences):
+        for t in range(starts[i], len(seq)):
+            rows.append(i)
+            positions.append(t - 1)
+            targets.append(seq[t])
+    rows_t = torch.tensor(rows, device=device)
+    positions_t = torch.tensor(positions, device=device)
+    targets_t = torch.tensor(targets, device=device)
+    hidden = _hidden_states(model, ids, mask)
+    token_logprobs = torch.empty(len(rows), dtype=torch.float32, device=device)
+    if hidden is not None:
+        selected = hidden[rows_t, positions_t]
+        for begin in range(0, len(rows), chunk_size):
+            end = min(begin + chunk_size, len(rows))
+            logits = _lm_head_logits(model, selected[begin:end]).float()
+            token_logprobs[begin:end] = logits.log_softmax(-1).gather(-1, targets_t[begin:end, None])[:, 0]
+    else:  # a model without a separate decoder: full logits (fine for small models)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        token_logprobs = logits[rows_t, positions_t].float().log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
+    totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
+    totals.index_add_(0, rows_t, token_logprobs.double())
+    return totals.cpu().numpy().reshape(len(prompts), len(labels))
+
+
+def label_probabilities(logliks: np.ndarray) -> np.ndarray:
+    """Softmax over the label axis: each label's probability renormalised over the label set."""
+    shifted = logliks - logliks.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+# -------------------------------------------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens: int = 16,
+             device: torch.device | None = None) -> list[str]:
+    """Greedy continuations of the prompts (left-padded into one batch), decoded without special tokens."""
+    if not prompts:
+        return []
+    device = device or next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[i, width - len(prompt):] = 1
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    new_tokens = output[:, width:].cpu().tolist()
+    texts = []
+    for tokens in new_tokens:
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+def parse_label(text: str, labels: Sequence[str]) -> str:
+    """The label whose string occurs first in `text` (case-insensitive; the longest on a tie), else 'unparsed'."""
+    lowered = text.lower()
+    best: tuple[int, int] | None = None
+    found = UNPARSED
+    for label in labels:
+        position = lowered.find(label.lower())
+        if position < 0:
+            continue
+        key = (position, -len(label))
+        if best is None or key < best:
+            best, found = key, label
+    return found
+
+
+def template_for(prompt: str, system: str | None = None, chat: str = "auto") -> TemplateConfig:
+    """A TemplateConfig for evaluation prompts (the target side is unused)."""
+    return TemplateConfig(prompt=prompt, target="", system=system, chat=chat, distill="all", add_eos=False)
+
+
+__all__ = [
+    "LoadedModel", "UNPARSED", "folder_size", "generate", "is_adapter_folder", "label_probabilities",
+    "label_token_ids", "load_model", "parse_label", "prompt_ids", "resolve_device", "score_labels",
+    "template_for", "uses_chat_template",
+]
