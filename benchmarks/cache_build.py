@@ -19,11 +19,15 @@ Figures printed:
 
 Example (the small CPU configuration of benchmarks/RESULTS.md):
 
-    python benchmarks/cache_build.py --hidden-size 256 --layers 4 --heads 4 --examples 256 --max-length 256 \\
-        --distill target --repeats 5 --json /tmp/bench.json
+    python benchmarks/cache_build.py --hidden-size 256 --layers 4 --heads 4 --tokenizer-vocab 2048 --examples 256 \\
+        --max-length 256 --batch-size 8 --distill target --device cpu --dtype float32 --threads 1 --repeats 5 \\
+        --json /tmp/bench.json
 
-Add --breakdown to see where the build's time goes (per-phase wall time, % of the build), and --profile N to print
-the top N functions of a cProfile of one extra build.
+Add --breakdown to see where the build's time goes (per-phase wall time, % of the build, and a plain decoder-only
+forward for comparison), and --profile N to print the top N functions of a cProfile of one extra build.
+
+On a shared machine, --threads 1 gives far steadier figures than one thread per core: with 2 OpenMP threads on 2 cores,
+any other busy process makes the forward pass 5-20x slower for a while.
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ PROMPT = "Title: {title}\nArticle: {text}\nWhich GS paper?"
 TARGET = " {gs_paper}"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, except the None/False ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cache_build.py",
@@ -61,11 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             "(1) build time / plain forward time over identical batches, (2) bytes per target token at several k, "
             "(3) streaming reader throughput."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "example (the distill=all CPU configuration of benchmarks/RESULTS.md):\n"
+            "  python benchmarks/cache_build.py --hidden-size 256 --layers 4 --heads 4 --examples 256 \\\n"
+            "      --max-length 256 --distill all --threads 1 --repeats 5 --breakdown --json /tmp/b.json"
+        ),
+        formatter_class=_Help,
     )
     m = p.add_argument_group("model (randomly initialised Qwen2, built locally)")
-    m.add_argument("--hidden-size", type=int, default=256)
-    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--hidden-size", type=int, default=256, help="hidden size")
+    m.add_argument("--layers", type=int, default=4, help="decoder layers")
     m.add_argument("--heads", type=int, default=4, help="attention heads")
     m.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     m.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 2 x hidden)")
@@ -78,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = p.add_argument_group("data and build")
     d.add_argument("--examples", type=int, default=256,
                    help="rows, cycling the 520 UPSC golden+silver rows (repeats get a suffix so they stay distinct)")
-    d.add_argument("--max-length", type=int, default=256)
+    d.add_argument("--max-length", type=int, default=256, help="max_length (tokens per example)")
     d.add_argument("--batch-size", type=int, default=8, help="teacher.batch_size")
     d.add_argument("--chunk-size", type=int, default=1024, help="teacher.chunk_size (target rows per LM-head call)")
     d.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
@@ -95,7 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--skip-bytes", action="store_true", help="skip the bytes per target figure")
     r.add_argument("--skip-read", action="store_true", help="skip the read throughput figure")
     r.add_argument("--breakdown", action="store_true",
-                   help="also time the build's phases (one extra instrumented build) and print %% of build time")
+                   help="also time the build's phases and print them as %% of the build (on CPU the timed builds are "
+                        "instrumented, which costs microseconds; on CUDA one extra build is), plus a plain "
+                        "decoder-only forward (no LM head) in the alternation")
     r.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also cProfile one extra build and print the top N functions by cumulative time")
     r.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder, removed after)")
@@ -203,13 +223,19 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------------- measuring
 
 
-def time_plain(model, batches, device) -> float:
+def time_plain(model, batches, device, decoder_only: bool = False) -> float:
+    """A plain forward over the batches: logits for every position, or (decoder_only) the final hidden states."""
+    from kdcache.teacher.hf import final_hidden_states
+
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for ids, mask in batches:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            del logits
+            if decoder_only:
+                out = final_hidden_states(model, ids, mask)
+            else:
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            del out
     sync(device)
     return time.perf_counter() - t0
 
@@ -229,6 +255,28 @@ def time_build(args, backend, tokenizer, output: Path, teacher_dir, data_file, k
         raise RuntimeError(f"the build into {output} did not finalize")
     return elapsed, result.manifest
 
+
+WHOLE = "build_cache (whole)"
+PHASE_SPECS = [  # (label, module path, attribute), in print order; indentation shows nesting
+    (WHOLE, None, None),
+    ("read rows (JSONL)", "kdcache.teacher.build", "read_rows"),
+    ("plan (incl. tokenizer + rows fingerprints)", "kdcache.teacher.build", "make_plan"),
+    ("write plan.json", "kdcache.teacher.build", "write_or_check_plan"),
+    ("list committed shards", "kdcache.teacher.build", "committed_shards"),
+    ("render + tokenise (prepare_rows)", "kdcache.teacher.build", "prepare_rows"),
+    ("ShardScorer.score_shard", "kdcache.teacher.build", "ShardScorer.score_shard"),
+    ("  HFTeacher.score", "kdcache.teacher.hf", "HFTeacher.score"),
+    ("    decoder forward (final_hidden_states)", "kdcache.teacher.hf", "final_hidden_states"),
+    ("    LM head (output_logits)", "kdcache.teacher.hf", "output_logits"),
+    ("    sparsify (topk_with_tail)", "kdcache.teacher.build", "topk_with_tail"),
+    ("ShardScorer.assemble", "kdcache.teacher.build", "ShardScorer.assemble"),
+    ("commit_shard (all of writing)", "kdcache.teacher.build", "commit_shard"),
+    ("  write_shard_files (zarr + parquet)", "kdcache.store.writer", "write_shard_files"),
+    ("    parquet write_table", "kdcache.store.shard", "pq.write_table"),
+    ("  sha256 of shard files (_checksums)", "kdcache.store.writer", "_checksums"),
+    ("finalize (manifest.json)", "kdcache.teacher.build", "finalize"),
+]
+PHASES = [label for label, _, _ in PHASE_SPECS]
 
 SPARSE_ARRAYS = ("sparse_ids", "sparse_logprobs", "tail_logmass", "sample_counts")
 
@@ -273,54 +321,43 @@ def time_read(url: str, repeats: int) -> dict:
 
 @contextlib.contextmanager
 def phase_timers():
-    """Wrap the build's phases (module-level functions it calls by name) with wall-clock accumulators."""
-    import kdcache.store.shard as shard_mod
-    import kdcache.store.writer as writer_mod
-    import kdcache.teacher.build as build_mod
-    import kdcache.teacher.hf as hf_mod
+    """Wrap the build's phases (functions it looks up by name at call time) with wall-clock accumulators."""
+    import importlib
 
     totals: dict[str, float] = {}
     patched = []
+    cuda = torch.cuda.is_available()
 
-    def wrap(module, name, label, cuda_sync=False):
-        original = getattr(module, name)
+    def wrap(owner, name, label):
+        original = getattr(owner, name)
 
         def timed(*a, **kw):
-            if cuda_sync:
+            if cuda:
                 sync(torch.device("cuda"))
             t0 = time.perf_counter()
             try:
                 return original(*a, **kw)
             finally:
-                if cuda_sync:
+                if cuda:
                     sync(torch.device("cuda"))
                 totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
 
-        setattr(module, name, timed)
-        patched.append((module, name, original))
+        setattr(owner, name, timed)
+        patched.append((owner, name, original))
 
-    cuda = torch.cuda.is_available()
-    wrap(build_mod, "read_rows", "read rows (JSONL)")
-    wrap(build_mod, "make_plan", "plan (incl. tokenizer + rows fingerprints)")
-    wrap(build_mod, "write_or_check_plan", "write plan.json")
-    wrap(build_mod, "committed_shards", "list committed shards")
-    wrap(build_mod, "prepare_rows", "render + tokenise")
-    wrap(build_mod.ShardScorer, "score_shard", "score_shard (all of scoring)")
-    wrap(hf_mod.HFTeacher, "score", "  HFTeacher.score", cuda)
-    wrap(hf_mod, "final_hidden_states", "    decoder forward (final_hidden_states)", cuda)
-    wrap(hf_mod, "output_logits", "    LM head (output_logits)", cuda)
-    wrap(build_mod, "topk_with_tail", "    sparsify (topk_with_tail)", cuda)
-    wrap(build_mod.ShardScorer, "assemble", "assemble (ShardData + records table)")
-    wrap(build_mod, "commit_shard", "commit_shard (all of writing)")
-    wrap(writer_mod, "write_shard_files", "  write_shard_files")
-    wrap(shard_mod.pq, "write_table", "    parquet write_table")
-    wrap(writer_mod, "_checksums", "  sha256 of shard files")
-    wrap(build_mod, "finalize", "finalize (manifest.json)")
+    for label, module, attribute in PHASE_SPECS:
+        if module is None:
+            continue
+        owner = importlib.import_module(module)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        wrap(owner, name, label)
     try:
         yield totals
     finally:
-        for module, name, original in reversed(patched):
-            setattr(module, name, original)
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------------------------------------------------------- main
@@ -375,12 +412,19 @@ def main(argv=None) -> int:
         timed_out = scratch / "timed"
         time_plain(model, batches, device)
         time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
-        plain_s, build_s = [], []
+        plain_s, build_s, decoder_s, phases = [], [], [], []
         manifest = None
+        # With --breakdown on the CPU the timed builds themselves are instrumented (a few hundred wrapper calls,
+        # microseconds); on CUDA the wrappers synchronize, so an extra build is instrumented instead.
+        instrument_timed = args.breakdown and device.type != "cuda"
         for _ in range(args.repeats):
             plain_s.append(time_plain(model, batches, device))
-            seconds, manifest = time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
+            if args.breakdown:
+                decoder_s.append(time_plain(model, batches, device, decoder_only=True))
+            with phase_timers() if instrument_timed else contextlib.nullcontext({}) as totals:
+                seconds, manifest = time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
             build_s.append(seconds)
+            phases.append({WHOLE: seconds, **totals})
         plain_med, build_med = statistics.median(plain_s), statistics.median(build_s)
         figures: dict = {
             "machine": machine,
@@ -392,6 +436,7 @@ def main(argv=None) -> int:
                 "plain_forward_s": plain_s, "build_s": build_s,
                 "plain_forward_median_s": plain_med, "build_median_s": build_med,
                 "ratio": build_med / plain_med,
+                "ratio_of_minima": min(build_s) / min(plain_s),
                 "build_targets_per_s": stats["targets"] / build_med,
                 "build_tokens_per_s": stats["tokens"] / build_med,
                 "plain_tokens_per_s": stats["tokens"] / plain_med,
@@ -400,10 +445,17 @@ def main(argv=None) -> int:
 
         # Optional: where the build's time goes.
         if args.breakdown:
-            with phase_timers() as totals:
-                seconds, _ = time_build(args, backend, tokenizer, scratch / "breakdown", teacher_dir, data_file,
-                                        args.k)
-            figures["breakdown"] = {"build_s": seconds, "phases_s": dict(totals)}
+            if not instrument_timed:
+                with phase_timers() as totals:
+                    seconds, _ = time_build(args, backend, tokenizer, scratch / "breakdown", teacher_dir, data_file,
+                                            args.k)
+                phases = [{WHOLE: seconds, **totals}]
+            figures["breakdown"] = {
+                "plain_decoder_only_s": decoder_s,
+                "plain_decoder_only_median_s": statistics.median(decoder_s),
+                "runs": phases,
+                "median_s": {label: statistics.median(run.get(label, 0.0) for run in phases) for label in PHASES},
+            }
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -455,15 +507,21 @@ def report(figures: dict, args) -> None:
     print(f"   {'build_cache (s)':<28}{t['build_median_s']:>10.3f}   runs: "
           + ", ".join(f"{s:.3f}" for s in t["build_s"]))
     verdict = "OK" if t["ratio"] <= 1.15 else "ABOVE the 1.15 target"
-    print(f"   {'ratio build / plain':<28}{t['ratio']:>10.3f}   ({verdict})")
+    print(f"   {'ratio build / plain':<28}{t['ratio']:>10.3f}   ({verdict}; ratio of the minima: "
+          f"{t['ratio_of_minima']:.3f})")
     print(f"   {'build target tokens/s':<28}{t['build_targets_per_s']:>10,.0f}")
     print(f"   {'build input tokens/s':<28}{t['build_tokens_per_s']:>10,.0f}   "
           f"(plain: {t['plain_tokens_per_s']:,.0f})")
     if "breakdown" in figures:
         b = figures["breakdown"]
-        print(f"\n   breakdown of one instrumented build ({b['build_s']:.3f} s; inner rows are part of the row above)")
-        for label, seconds in b["phases_s"].items():
-            print(f"   {label:<46}{seconds:>9.3f} s {100 * seconds / b['build_s']:>6.1f} %")
+        med = b["median_s"]
+        runs = len(b["runs"])
+        print(f"\n   build phases, median over {runs} instrumented build(s); % of the median build "
+              "(indented rows are part of the row above)")
+        for label, seconds in med.items():
+            print(f"   {label:<46}{seconds:>9.3f} s {100 * seconds / med[WHOLE]:>6.1f} %")
+        print(f"   {'plain forward, decoder only (no LM head)':<46}{b['plain_decoder_only_median_s']:>9.3f} s "
+              f"{100 * b['plain_decoder_only_median_s'] / med[WHOLE]:>6.1f} %")
     if "profile" in figures:
         print("\n   cProfile of one build (cumulative):")
         print(figures["profile"])

@@ -71,7 +71,7 @@ def write_shard_files(local_dir: str, data: ShardData) -> None:
     import zarr
 
     group = zarr.open_group(f"{local_dir}/{TOKENS_DIR}", mode="w", zarr_format=3)
-    compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
     for name, value in data.arrays().items():
         group.create_array(name, data=np.ascontiguousarray(value), chunks=_chunks(value.shape), compressors=compressor)
     pq.write_table(data.records, f"{local_dir}/{RECORDS_FILE}", compression="zstd")

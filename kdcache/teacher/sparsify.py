@@ -24,18 +24,24 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> SparseChunk:
     """Top-k token ids and log-probabilities of softmax(logits), and the exact log of the mass outside the top-k.
 
     The tail is logsumexp over the logits not in the top-k minus logsumexp over all of them, which stays exact
-    when the top-k holds almost all the mass (unlike log1p(-sum(p_topk))). With k = vocab, the tail is -inf.
+    when the top-k holds almost all the mass (unlike log1p(-sum(p_topk))). One topk of k + 1 gives both the top-k
+    and the largest logit outside it, so the tail needs a single in-place pass. With k = vocab, the tail is -inf.
+    `logits` is consumed (overwritten) when it is already float32.
     """
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    values, ids = torch.topk(logits, k, dim=-1)
-    logprobs = values - lse
-    if k >= logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if k >= vocab:
+        values, ids = torch.topk(logits, vocab, dim=-1)
+        lse = torch.logsumexp(values, dim=-1, keepdim=True)
         tail = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
-    else:
-        rest = logits.scatter(-1, ids, float("-inf"))
-        tail = torch.logsumexp(rest, dim=-1) - lse.squeeze(-1)
-    return SparseChunk(ids.to(torch.int32).cpu(), logprobs.cpu(), tail_logmass=tail.cpu())
+        return SparseChunk(ids.to(torch.int32).cpu(), (values - lse).cpu(), tail_logmass=tail.cpu())
+    values, ids = torch.topk(logits, k + 1, dim=-1)
+    rest_max = values[:, k:]
+    values, ids = values[:, :k], ids[:, :k]
+    rest = logits.scatter_(-1, ids, float("-inf")).sub_(rest_max).exp_().sum(dim=-1)
+    lse_rest = rest_max.squeeze(-1) + rest.log()
+    lse = torch.logaddexp(torch.logsumexp(values, dim=-1), lse_rest)
+    return SparseChunk(ids.to(torch.int32).cpu(), (values - lse[:, None]).cpu(), tail_logmass=(lse_rest - lse).cpu())
 
 
 def example_uniforms(seed: int, example_index: int, num_targets: int, num_samples: int) -> torch.Tensor:
