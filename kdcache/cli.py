@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -10,21 +9,9 @@ from pathlib import Path
 
 import click
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, friendly_errors
 
 
-def friendly_errors(func):
-    """Print a KdcacheError as one clear line (no traceback) and exit with status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except KdcacheError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -15,3 +15,21 @@ class CacheFormatError(KdcacheError):
 
 class IncompatibleCacheError(KdcacheError):
     """A cache that is valid but does not fit what it is used with (another tokenizer, another build plan)."""
+
+
+def friendly_errors(func):
+    """CLI decorator: print a KdcacheError as one clear line (no traceback) and exit with status 2."""
+    import functools
+    import sys
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KdcacheError as exc:
+            import click
+
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import friendly_errors
 
 
-def _friendly_errors(func):
-    """Print a KdcacheError as one line (no traceback) and exit with status 2, as the rest of the CLI does."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except KdcacheError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.command("eval")
@@ -61,7 +48,7 @@ def _friendly_errors(func):
 @click.option("--no-warmup", is_flag=True, help="Do not run one untimed warm-up batch first.")
 @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_friendly_errors
+@friendly_errors
 def eval_command(data, labels, no_warmup, no_plots, no_progress, **options) -> None:
     """Evaluate one model on a labelled dataset: metrics.json, predictions.parquet, report.md (+ plots).
 
@@ -102,7 +89,7 @@ def eval_command(data, labels, no_warmup, no_plots, no_progress, **options) -> N
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for report.md, comparison.json and plots.")
 @click.option("--target-accuracy", type=float, help="Cascade: the accuracy to reach with the least deferral (0..1).")
 @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
-@_friendly_errors
+@friendly_errors
 def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no_plots) -> None:
     """Compare two eval runs: RUN_A is the reference (e.g. the teacher), RUN_B the candidate (e.g. the student).
 
