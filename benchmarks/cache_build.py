@@ -23,6 +23,9 @@ Example (the small CPU configuration of benchmarks/RESULTS.md):
         --max-length 256 --batch-size 8 --distill target --device cpu --dtype float32 --threads 1 --repeats 5 \\
         --json /tmp/bench.json
 
+With --backend vllm, the vLLM backend is benchmarked instead (benchmarks/vllm_cache_build.py: vLLM cache-build time
+divided by the same engine's time over the same sequences with no logprobs requested); its options apply then.
+
 Add --breakdown to see where the build's time goes (per-phase wall time, % of the build, and a plain decoder-only
 forward for comparison), and --profile N to print the top N functions of a cProfile of one extra build.
 
@@ -66,6 +69,16 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
+def _backend(argv: list[str]) -> str:
+    """The value of --backend in argv (hf when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return "hf"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cache_build.py",
@@ -81,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ),
         formatter_class=_Help,
     )
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="teacher backend; vllm runs benchmarks/vllm_cache_build.py (see its --help)")
     m = p.add_argument_group("model (randomly initialised Qwen2, built locally)")
     m.add_argument("--hidden-size", type=int, default=256, help="hidden size")
     m.add_argument("--layers", type=int, default=4, help="decoder layers")
@@ -364,6 +379,13 @@ def phase_timers():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _backend(argv) == "vllm":  # the vLLM engine is benchmarked by its own script, with its own options
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import vllm_cache_build
+
+        vllm_cache_build.main(argv)
+        return 0
     args = parse_args(argv)
     from kdcache.teacher.build import make_backend
     from kdcache.tiny import build_qwen2, build_tokenizer, save_model

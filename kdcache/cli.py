@@ -50,6 +50,10 @@ _BUILD_OPTIONS = {
     "shard_size": "shard_size",
     "num_workers": "num_workers",
     "worker_index": "worker_index",
+    "generate": "generate.enabled",
+    "num_samples": "generate.num_samples",
+    "max_new_tokens": "generate.max_new_tokens",
+    "gen_temperature": "generate.temperature",
 }
 
 
@@ -75,6 +79,11 @@ _BUILD_OPTIONS = {
 @click.option("--shard-size", type=int, help="Examples per shard [1024].")
 @click.option("--num-workers", type=int, help="Total workers writing this cache (one per node) [1].")
 @click.option("--worker-index", type=int, help="This worker's index in [0, num-workers) [0].")
+@click.option("--generate", is_flag=True, default=None,
+              help="Teacher-generated targets: the teacher writes each answer (a silver set); see generate.* keys.")
+@click.option("--num-samples", type=int, help="With --generate: answers per prompt [1].")
+@click.option("--max-new-tokens", type=int, help="With --generate: longest answer in tokens [256].")
+@click.option("--gen-temperature", type=float, help="With --generate: sampling temperature, 0 = greedy [0].")
 @click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip rows that cannot be used, and count them.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. teacher.chunk_size=512.")
@@ -307,7 +316,9 @@ def demo_command(out, size, no_progress) -> None:
 
 def _register_subcommands() -> None:
     from kdcache.eval.commands import compare_command, eval_command
+    from kdcache.store.diff import diff_command
 
+    cache.add_command(diff_command)
     main.add_command(eval_command)
     main.add_command(compare_command)
 

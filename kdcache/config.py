@@ -61,6 +61,19 @@ class TeacherConfig:
     batch_size: int = 8
     chunk_size: int = 1024  # target positions projected through the LM head at once
     trust_remote_code: bool = False
+    vllm: dict = field(default_factory=dict)  # backend=vllm: vllm.LLM(...) settings, passed through (see jobs/)
+
+
+@dataclass
+class GenerateConfig:
+    """Teacher-generated targets (a silver set): the teacher writes each answer, then its top-k is stored there."""
+
+    enabled: bool = False  # off: targets come from the data (teacher-forced scoring of given answers)
+    num_samples: int = 1  # answers per prompt, each its own example (more than 1 needs temperature > 0)
+    max_new_tokens: int = 256  # the prompt is cut from the left so that prompt + answer fit max_length
+    temperature: float = 0.0  # 0: greedy; the cached log-probabilities are always the raw (T = 1) distribution
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # each prompt's answers are drawn with a seed made from this and the row's index
 
 
 @dataclass
@@ -72,6 +85,7 @@ class CacheBuildConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sparsifier: SparsifierConfig = field(default_factory=SparsifierConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     tokenizer: str | None = None  # defaults to the teacher's own
     max_length: int = 1024
     shard_size: int = 1024  # examples per shard

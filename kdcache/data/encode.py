@@ -41,10 +41,34 @@ def prompt_text_for_model(template: TemplateConfig, tokenizer, prompt: str) -> t
     return prompt, False
 
 
+def prompt_ids(template: TemplateConfig, tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids exactly as the model sees them (chat template applied when used)."""
+    text, has_specials = prompt_text_for_model(template, tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=not has_specials)["input_ids"]
+
+
+def _fit_prompt(tokenizer, ids: list[int], room: int) -> tuple[list[int], int]:
+    """Cut the prompt from the left to `room` tokens; an empty prompt gets one BOS/EOS token as context."""
+    dropped = max(0, len(ids) - room)
+    ids = ids[dropped:]
+    if not ids:
+        # A target at position 0 has nothing to be predicted from: start with BOS/EOS as a context token.
+        anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [anchor if anchor is not None else 0]
+    return ids, dropped
+
+
+def _with_target(template: TemplateConfig, ids: list[int], target_ids: list[int], dropped: int) -> Encoded:
+    input_ids = ids + target_ids
+    if template.distill == "all":
+        mask = [False] + [True] * (len(input_ids) - 1)
+    else:
+        mask = [False] * len(ids) + [True] * len(target_ids)
+    return Encoded(input_ids=input_ids, target_mask=mask, prompt_truncated=dropped)
+
+
 def encode(template: TemplateConfig, tokenizer, row: Row, prompt: str, target: str, max_length: int) -> Encoded:
     """Token ids and target mask; the prompt is cut from the left to fit, a target that cannot fit is a bad row."""
-    text, has_specials = prompt_text_for_model(template, tokenizer, prompt)
-    prompt_ids = tokenizer(text, add_special_tokens=not has_specials)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] if target else []
     if template.add_eos and tokenizer.eos_token_id is not None:
         target_ids = target_ids + [tokenizer.eos_token_id]
@@ -58,15 +82,16 @@ def encode(template: TemplateConfig, tokenizer, row: Row, prompt: str, target: s
             "(raise max_length or shorten the target)",
             field="target",
         )
-    dropped = max(0, len(prompt_ids) - room_for_prompt)
-    prompt_ids = prompt_ids[dropped:]
-    if not prompt_ids:
-        # A target at position 0 has nothing to be predicted from: start with EOS/BOS as a context token.
-        anchor = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        prompt_ids = [anchor if anchor is not None else 0]
-    input_ids = prompt_ids + target_ids
-    if template.distill == "all":
-        mask = [False] + [True] * (len(input_ids) - 1)
-    else:
-        mask = [False] * len(prompt_ids) + [True] * len(target_ids)
-    return Encoded(input_ids=input_ids, target_mask=mask, prompt_truncated=dropped)
+    ids, dropped = _fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room_for_prompt)
+    return _with_target(template, ids, target_ids, dropped)
+
+
+def encode_prompt(template: TemplateConfig, tokenizer, prompt: str, room: int) -> Encoded:
+    """A prompt alone (for teacher-generated answers), cut from the left to `room` tokens; nothing is a target yet."""
+    ids, dropped = _fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room)
+    return Encoded(input_ids=ids, target_mask=[False] * len(ids), prompt_truncated=dropped)
+
+
+def with_answer(template: TemplateConfig, prompt: Encoded, answer_ids: list[int]) -> Encoded:
+    """A prompt followed by the teacher's answer tokens (kept as generated, stop token included), as an example."""
+    return _with_target(template, list(prompt.input_ids), list(answer_ids), prompt.prompt_truncated)

@@ -32,3 +32,13 @@ def render(template: TemplateConfig, row: Row) -> tuple[str, str]:
         fields = template_fields(template.target)
         raise BadRow(row, "target is empty", field=fields[0] if fields else None)
     return prompt, target
+
+
+def render_prompt(template: TemplateConfig, row: Row) -> tuple[str, str]:
+    """The prompt, and the reference target when the row has its fields (else ""), for teacher-written answers."""
+    prompt = _render(template.prompt, row)
+    try:
+        reference = _render(template.target, row)
+    except BadRow:
+        reference = ""
+    return prompt, reference

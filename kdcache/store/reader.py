@@ -27,6 +27,11 @@ class CachedExample:
     sample_counts: np.ndarray | None  # [targets, k]
     record: dict
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """(row index, answer number): unique in a cache, also when the teacher wrote several answers per row."""
+        return self.index, int(self.record.get("sample_index") or 0)
+
 
 def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
     """Refuse a tokenizer other than the cache's; a different embedding size with the same tokenizer is fine."""

@@ -16,9 +16,9 @@ import pyarrow as pa
 import torch
 
 from kdcache.config import CacheBuildConfig, to_dict
-from kdcache.data.encode import Encoded, encode, uses_chat_template
+from kdcache.data.encode import Encoded, encode, encode_prompt, uses_chat_template
 from kdcache.data.sources import BadRow, Row, read_rows
-from kdcache.data.templates import render
+from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
 from kdcache.store import FORMAT_VERSION
 from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
@@ -26,6 +26,7 @@ from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import committed_shards, finalize, write_or_check_plan
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
+from kdcache.teacher.generate import check_generate_config, generate_answers, stop_token_ids
 from kdcache.teacher.sparsify import SparseChunk, example_uniforms, sample_with_counts, topk_with_tail
 
 log = logging.getLogger("kdcache.build")
@@ -38,8 +39,11 @@ class Prepared:
     row_index: int
     row: Row
     prompt: str
-    target: str
+    target: str  # the given target text; with teacher-generated answers, the row's reference if it has one
     encoded: Encoded
+    sample_index: int = 0  # which of the teacher's answers to this row (teacher-generated targets)
+    teacher_text: str | None = None  # the teacher's answer (teacher-generated targets), else None
+    teacher_stopped: bool | None = None  # whether that answer ended with a stop token (else it hit max_new_tokens)
 
 
 @dataclass
@@ -61,7 +65,8 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
 
 
-def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0) -> dict:
+def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,
+              stop_ids: list[int] | None = None) -> dict:
     """Everything that shapes the cache's content (and so must agree between workers and across resumes)."""
     if config.sparsifier.k < 1:
         raise BadInputError("sparsifier.k must be at least 1")
@@ -72,7 +77,7 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
     if sparsifier["kind"] == "topk":
         sparsifier.pop("temperature")
         sparsifier.pop("seed")
-    return {
+    plan = {
         "format": "kdcache",
         "format_version": FORMAT_VERSION,
         "teacher": {
@@ -80,6 +85,7 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
             "revision": config.teacher.revision,
             "dtype": config.teacher.dtype,
             "backend": config.teacher.backend,
+            **engine_settings_that_shape_content(config),
         },
         "tokenizer": {
             "name": config.tokenizer or config.teacher.model,
@@ -101,15 +107,38 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
         "shard_size": config.shard_size,
         "num_shards": num_shards,
     }
+    if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
+        plan["generate"] = {**to_dict(config.generate), "stop_token_ids": list(stop_ids or [])}
+    return plan
+
+
+# vLLM engine settings that change the teacher's numbers (the rest, such as parallelism or memory, do not).
+_CONTENT_SHAPING_VLLM_KEYS = ("scoring", "quantization", "hf_overrides", "kv_cache_dtype", "tokenizer_mode")
+
+
+def engine_settings_that_shape_content(config: CacheBuildConfig) -> dict:
+    """The vLLM settings recorded in the plan: workers with different quantization or scoring must not mix."""
+    if config.teacher.backend != "vllm":
+        return {}
+    settings = config.teacher.vllm or {}
+    shaping = {key: settings[key] for key in _CONTENT_SHAPING_VLLM_KEYS if key in settings}
+    shaping.setdefault("scoring", "exact")
+    return {"vllm": shaping}
 
 
 def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: int) -> tuple[list[Prepared], list[BadRow]]:
     """Render and tokenise rows; bad rows stop the job unless skip_bad_rows, in which case they are returned."""
     good, bad = [], []
+    generate = config.generate.enabled
     for offset, row in enumerate(rows):
         try:
-            prompt, target = render(config.template, row)
-            encoded = encode(config.template, tokenizer, row, prompt, target, config.max_length)
+            if generate:  # the teacher writes the target later; a reference target is kept when the row has one
+                prompt, target = render_prompt(config.template, row)
+                room = config.max_length - config.generate.max_new_tokens
+                encoded = encode_prompt(config.template, tokenizer, prompt, room)
+            else:
+                prompt, target = render(config.template, row)
+                encoded = encode(config.template, tokenizer, row, prompt, target, config.max_length)
         except BadRow as exc:
             if not config.skip_bad_rows:
                 raise BadInputError(f"bad row: {exc}. Fix the row, or pass --skip-bad-rows to skip such rows") from None
@@ -126,6 +155,7 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
 
     columns = {
         "example_index": pa.array([e.row_index for e in examples], pa.int64()),
+        "sample_index": pa.array([e.sample_index for e in examples], pa.int64()),
         "id": pa.array(
             [str(e.row.fields.get(config.data.id_field, e.row_index)) if config.data.id_field else str(e.row_index)
              for e in examples],
@@ -139,7 +169,8 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
         "num_tokens": pa.array([len(e.encoded.input_ids) for e in examples], pa.int64()),
         "num_targets": pa.array(targets, pa.int64()),
         "prompt_truncated": pa.array([e.encoded.prompt_truncated for e in examples], pa.int64()),
-        "teacher_text": pa.array([None] * len(examples), pa.string()),
+        "teacher_text": pa.array([e.teacher_text for e in examples], pa.string()),
+        "teacher_stopped": pa.array([e.teacher_stopped for e in examples], pa.bool_()),
     }
     for name in config.data.label_fields:
         columns[f"label_{name}"] = pa.array([label(e, name) for e in examples], pa.string())
@@ -254,6 +285,10 @@ def make_backend(config: CacheBuildConfig, vocab_size: int):
         from kdcache.teacher.hf import HFTeacher
 
         return HFTeacher(config.teacher, vocab_size)
+    if config.teacher.backend == "vllm":
+        from kdcache.teacher.vllm_backend import make_vllm_backend
+
+        return make_vllm_backend(config, vocab_size)
     raise BadInputError(
         f"teacher.backend '{config.teacher.backend}' is not available in this version; use teacher.backend=hf"
     )
@@ -273,6 +308,7 @@ def check_build_config(config: CacheBuildConfig) -> None:
             raise BadInputError(f"{name} must be at least 1")
     if config.teacher.batch_size < 1 or config.teacher.chunk_size < 1:
         raise BadInputError("teacher.batch_size and teacher.chunk_size must be at least 1")
+    check_generate_config(config)
 
 
 def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_after_shards: int | None = None) -> BuildResult:
@@ -289,7 +325,10 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
         raise BadInputError(f"bad row: {unparsed[0]}. Fix the row, or pass --skip-bad-rows to skip such rows")
     if not rows:
         raise BadInputError(f"no rows found in {', '.join(config.data.paths)}")
-    plan = make_plan(config, tokenizer, rows, len(unparsed))
+    stop_ids = None
+    if config.generate.enabled:
+        stop_ids = stop_token_ids(tokenizer, config.teacher.model, config.teacher.revision)
+    plan = make_plan(config, tokenizer, rows, len(unparsed), stop_ids)
     location = CacheLocation(config.output)
     write_or_check_plan(location, plan)
     result = BuildResult(output=config.output, bad_rows=list(unparsed))
@@ -299,6 +338,7 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
     result.shards_skipped = [i for i in mine if i in done]
     if pending:
         todo_rows = sum(len(rows[i * config.shard_size : (i + 1) * config.shard_size]) for i in pending)
+        answers_per_row = config.generate.num_samples if config.generate.enabled else 1
         progress = None
         try:
             for index in pending:
@@ -309,11 +349,15 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
                 examples, bad = prepare_rows(config, tokenizer, shard_rows, start)  # before loading the teacher
                 if progress is None:
                     backend = backend or make_backend(config, len(tokenizer))
-                    progress = BuildProgress(todo_rows, config.progress)
+                    progress = BuildProgress(todo_rows * answers_per_row, config.progress)
                     scorer = ShardScorer(config, backend, progress)
                 result.bad_rows.extend(bad)
+                if config.generate.enabled:
+                    progress.bar.set_description("teacher answering")
+                    examples = generate_answers(config, tokenizer, backend, examples, stop_ids)
+                    progress.bar.set_description("cache build")
                 data = scorer.assemble(examples, scorer.score_shard(examples))
-                progress.bar.update(len(bad))
+                progress.bar.update(len(bad) * answers_per_row)
                 commit_shard(location, index, data, {"rows": [start, start + len(shard_rows)], "skipped_rows": len(bad)})
                 result.shards_written.append(index)
         finally:

@@ -99,3 +99,34 @@ class HFTeacher:
             logits = output_logits(self.model, selected[start:stop])[:, : self.vocab_size]
             chunks.append(sparsify(logits, slice(start, stop)))
         return chunks
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], settings, seeds: list[int], stop_ids: list[int]) -> list[list[list[int]]]:
+        """The teacher's answers: per prompt, `settings.num_samples` lists of token ids (stop token included).
+
+        One prompt at a time, its samples as one batch with a KV cache and a generator seeded per prompt, so an
+        answer depends on its prompt and seed only (not on which prompts share a batch). Columns past the
+        tokenizer's vocabulary are never chosen. This is the reference for small teachers; vLLM is the fast route.
+        """
+        return [self._answer(prompt, settings, seed, stop_ids) for prompt, seed in zip(prompts, seeds)]
+
+    def _answer(self, prompt: list[int], settings, seed: int, stop_ids: list[int]) -> list[list[int]]:
+        from kdcache.teacher.generate import choose_next
+
+        n = settings.num_samples
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        step_ids = torch.tensor([prompt] * n, dtype=torch.long, device=self.device)
+        stops = torch.tensor(stop_ids, device=self.device)
+        answers = torch.zeros((n, 0), dtype=torch.long, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        past = None
+        for _ in range(settings.max_new_tokens):
+            out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            logits = out.logits[:, -1, : self.vocab_size].float()
+            step_ids = choose_next(logits, settings.temperature, settings.top_p, generator)[:, None]
+            answers = torch.cat([answers, step_ids], dim=1)
+            done |= torch.isin(step_ids[:, 0], stops)
+            if bool(done.all()):
+                break
+        return [row.tolist() for row in answers.cpu()]

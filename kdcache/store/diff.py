@@ -1,0 +1,300 @@
+"""`kdcache cache diff A B`: where two caches of the same data differ (teachers, backends, dtypes, quantizations, k).
+
+Examples are matched by their source row index (`example_index`, with `sample_index` when the teacher wrote several
+answers per row), wherever their shards put them. For each example
+present in both, the token ids and target masks must be equal (otherwise the example is counted as a token
+mismatch and not compared further); then, target row by target row:
+
+* top-1: the first cached id (the teacher's argmax for `topk`, the most-drawn id for `sample`) is the same;
+* top-k overlap: |ids_A ∩ ids_B| / k (valid ids only);
+* log-probability difference: max |logprob_A(t) - logprob_B(t)| over the ids t present in both rows;
+* tail difference (`topk`): max |tail_A - tail_B|.
+
+Caches with different k are compared on the first min(k) entries, the rest being folded exactly into the tail
+(logaddexp), so a k = 64 cache can be checked against a k = 16 one. Caches built with different tokenizers are not
+compared entry by entry: their ids mean different tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kdcache.store.reader import CacheReader, CachedExample
+
+_SETTINGS = ("teacher", "tokenizer", "dataset", "template", "sparsifier", "generate", "max_length")
+
+
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    settings: list[str] = field(default_factory=list)  # manifest differences, as "key: A -> B"
+    comparable: bool = True  # False when the tokenizers differ
+    kind: str = "topk"
+    k: int = 0  # entries compared per row (min of both caches' k)
+    examples_a: int = 0
+    examples_b: int = 0
+    examples_compared: int = 0
+    only_in_a: list = field(default_factory=list)  # example indices, "row#answer" past answer 0 (first 20)
+    only_in_b: list = field(default_factory=list)
+    num_only_in_a: int = 0
+    num_only_in_b: int = 0
+    token_mismatches: int = 0  # examples whose input_ids or target_mask differ
+    first_token_mismatches: list = field(default_factory=list)
+    targets_compared: int = 0
+    top1_disagreements: int = 0
+    first_top1_disagreements: list[dict] = field(default_factory=list)
+    mean_topk_overlap: float | None = None
+    max_logprob_diff: float = 0.0
+    max_logprob_diff_at: dict | None = None
+    mean_logprob_diff: float | None = None
+    max_tail_diff: float | None = None
+    identical: bool = True  # every compared array equal bit for bit
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return None if not self.targets_compared else 1 - self.top1_disagreements / self.targets_compared
+
+    def agrees(self, atol: float = 1e-3) -> bool:
+        """Same examples and tokens, same top-1 everywhere, log-probabilities (and tails) within `atol`."""
+        return (
+            self.comparable
+            and self.num_only_in_a == 0
+            and self.num_only_in_b == 0
+            and self.token_mismatches == 0
+            and self.top1_disagreements == 0
+            and self.max_logprob_diff <= atol
+            and (self.max_tail_diff is None or self.max_tail_diff <= atol)
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "top1_agreement": self.top1_agreement}
+
+    def summary(self, atol: float = 1e-3) -> str:
+        def fmt(value, spec=".3e"):
+            return "n/a" if value is None else format(value, spec)
+
+        lines = [f"A  {self.a}", f"B  {self.b}"]
+        if self.settings:
+            lines.append("settings that differ:")
+            lines += [f"  {line}" for line in self.settings]
+        if not self.comparable:
+            lines.append("not compared entry by entry: the caches use different tokenizers")
+            return "\n".join(lines)
+        lines += [
+            f"examples        A {self.examples_a}, B {self.examples_b}, compared {self.examples_compared}"
+            + (f", only in A {self.num_only_in_a} (e.g. {self.only_in_a[:5]})" if self.num_only_in_a else "")
+            + (f", only in B {self.num_only_in_b} (e.g. {self.only_in_b[:5]})" if self.num_only_in_b else ""),
+            f"token mismatch  {self.token_mismatches} examples"
+            + (f" (e.g. example {self.first_token_mismatches[:5]})" if self.token_mismatches else ""),
+            f"targets         {self.targets_compared} compared ({self.kind}, first {self.k} entries)",
+            f"top-1 agreement {fmt(self.top1_agreement, '.6f')} ({self.top1_disagreements} rows differ)",
+            f"top-k overlap   {fmt(self.mean_topk_overlap, '.4f')} (mean |A ∩ B| / k)",
+            f"logprob diff    max {fmt(self.max_logprob_diff)}, mean {fmt(self.mean_logprob_diff)} (ids in both rows)",
+        ]
+        if self.max_logprob_diff_at:
+            lines.append(f"  worst at       {self.max_logprob_diff_at}")
+        if self.max_tail_diff is not None:
+            lines.append(f"tail diff       max {fmt(self.max_tail_diff)}")
+        for row in self.first_top1_disagreements[:5]:
+            lines.append(f"  top-1 differs  {row}")
+        verdict = "identical" if self.identical and self.agrees(atol) else (
+            f"agree (same top-1, within {atol:g})" if self.agrees(atol) else f"DIFFER (beyond top-1 / {atol:g})")
+        lines.append(f"verdict         {verdict}")
+        return "\n".join(lines)
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else key, sub))
+        return out
+    return {prefix: value}
+
+
+def _setting_differences(ma: dict, mb: dict) -> list[str]:
+    fa = _flatten("", {key: ma.get(key) for key in _SETTINGS})
+    fb = _flatten("", {key: mb.get(key) for key in _SETTINGS})
+    keys = sorted(set(fa) | set(fb))
+    return [f"{key}: {fa.get(key)!r} -> {fb.get(key)!r}" for key in keys if fa.get(key) != fb.get(key)]
+
+
+class _ShardIndex:
+    """Find a cache's example by source row index, reading (and keeping) one shard at a time."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+        self.starts = [entry["rows"][0] for entry in reader.manifest["shards"]]
+        self.current: int | None = None
+        self.examples: dict[tuple[int, int], CachedExample] = {}
+
+    def get(self, key: tuple[int, int]) -> CachedExample | None:
+        shard = bisect.bisect_right(self.starts, key[0]) - 1
+        if shard < 0:
+            return None
+        if shard != self.current:
+            self.examples = {e.key: e for e in self.reader.iter_examples([shard])}
+            self.current = shard
+        return self.examples.get(key)
+
+    def all_keys(self) -> set[tuple[int, int]]:
+        out = set()
+        for shard in range(self.reader.num_shards):
+            records = self.reader.read_shard(shard).records
+            samples = (records.column("sample_index").to_pylist() if "sample_index" in records.column_names
+                       else [0] * records.num_rows)
+            out.update(zip((int(v) for v in records.column("example_index").to_pylist()), map(int, samples)))
+        return out
+
+
+def _name(key: tuple[int, int]):
+    """An example as reports show it: the row index, or "row#answer" for a teacher's second and later answers."""
+    return key[0] if key[1] == 0 else f"{key[0]}#{key[1]}"
+
+
+def _truncate(example: CachedExample, k: int, kind: str):
+    ids = example.sparse_ids.astype(np.int64)
+    logprobs = example.sparse_logprobs.astype(np.float64)
+    tail = None
+    if kind == "topk" and example.tail_logmass is not None:
+        tail = example.tail_logmass.astype(np.float64)
+        if ids.shape[1] > k:
+            tail = np.logaddexp.reduce(np.concatenate([tail[:, None], logprobs[:, k:]], axis=1), axis=1)
+    return ids[:, :k], logprobs[:, :k], tail
+
+
+def diff_caches(a: str, b: str, max_examples: int = 10) -> DiffReport:
+    """Compare two finished caches (paths or fsspec URLs); see the module docstring for what is measured."""
+    ra, rb = CacheReader(a), CacheReader(b)
+    ma, mb = ra.manifest, rb.manifest
+    report = DiffReport(a=a, b=b, settings=_setting_differences(ma, mb))
+    report.examples_a, report.examples_b = ma["counts"]["num_examples"], mb["counts"]["num_examples"]
+    if ma["tokenizer"]["fingerprint"] != mb["tokenizer"]["fingerprint"]:
+        report.comparable = False
+        report.identical = False
+        return report
+    kind_a, kind_b = ma["sparsifier"]["kind"], mb["sparsifier"]["kind"]
+    report.kind = kind_a if kind_a == kind_b else f"{kind_a}/{kind_b}"
+    kind = kind_a if kind_a == kind_b else "sample"  # mixed: no tails compared
+    k = min(ma["sparsifier"]["k"], mb["sparsifier"]["k"])
+    report.k = k
+    if report.settings:
+        report.identical = False
+    index_b = _ShardIndex(rb)
+    seen_b: set[tuple[int, int]] = set()
+    overlap_sum, diff_sum, diff_count = 0.0, 0.0, 0
+    tail_max = 0.0 if kind == "topk" else None
+    for example in ra.iter_examples():
+        other = index_b.get(example.key)
+        if other is None:
+            report.num_only_in_a += 1
+            if len(report.only_in_a) < 20:
+                report.only_in_a.append(_name(example.key))
+            continue
+        seen_b.add(example.key)
+        report.examples_compared += 1
+        if not (np.array_equal(example.input_ids, other.input_ids)
+                and np.array_equal(example.target_mask, other.target_mask)):
+            report.token_mismatches += 1
+            report.identical = False
+            if len(report.first_token_mismatches) < 20:
+                report.first_token_mismatches.append(_name(example.key))
+            continue
+        ids_a, lp_a, tail_a = _truncate(example, k, kind)
+        ids_b, lp_b, tail_b = _truncate(other, k, kind)
+        if report.identical:
+            same = (np.array_equal(example.sparse_ids, other.sparse_ids)
+                    and np.array_equal(example.sparse_logprobs, other.sparse_logprobs)
+                    and np.array_equal(example.tail_logmass, other.tail_logmass)
+                    and np.array_equal(example.sample_counts, other.sample_counts))
+            report.identical = bool(same)
+        n = ids_a.shape[0]
+        report.targets_compared += n
+        if n == 0:
+            continue
+        positions = np.nonzero(example.target_mask)[0]
+        top1_differs = np.nonzero(ids_a[:, 0] != ids_b[:, 0])[0]
+        report.top1_disagreements += len(top1_differs)
+        for row in top1_differs:
+            if len(report.first_top1_disagreements) >= max_examples:
+                break
+            report.first_top1_disagreements.append({
+                "example": _name(example.key), "id": example.record.get("id"), "position": int(positions[row]),
+                "a": [int(ids_a[row, 0]), round(float(lp_a[row, 0]), 6)],
+                "b": [int(ids_b[row, 0]), round(float(lp_b[row, 0]), 6)],
+            })
+        valid_a, valid_b = ids_a >= 0, ids_b >= 0
+        match = (ids_a[:, :, None] == ids_b[:, None, :]) & valid_a[:, :, None] & valid_b[:, None, :]  # [n, k, k]
+        common = match.any(axis=2)  # entries of A whose id is in B's row
+        counts = np.maximum(np.minimum(valid_a.sum(1), valid_b.sum(1)), 1)
+        overlap_sum += float((common.sum(1) / counts).sum())
+        partner = match.argmax(axis=2)
+        delta = np.abs(lp_a - np.take_along_axis(lp_b, partner, axis=1))
+        delta = np.where(common, delta, 0.0)
+        if common.any():
+            diff_sum += float(delta[common].sum())
+            diff_count += int(common.sum())
+            worst = np.unravel_index(int(np.argmax(delta)), delta.shape)
+            if delta[worst] > report.max_logprob_diff:
+                report.max_logprob_diff = float(delta[worst])
+                report.max_logprob_diff_at = {
+                    "example": _name(example.key), "position": int(positions[worst[0]]), "token": int(ids_a[worst]),
+                    "a": float(lp_a[worst]), "b": float(lp_b[worst[0], partner[worst]]),
+                }
+        if tail_max is not None and tail_a is not None and tail_b is not None:
+            both_inf = np.isneginf(tail_a) & np.isneginf(tail_b)
+            with np.errstate(invalid="ignore"):
+                tail_delta = np.where(both_inf, 0.0, np.abs(tail_a - tail_b))
+            tail_max = max(tail_max, float(np.nan_to_num(tail_delta, nan=np.inf, posinf=np.inf).max()))
+    report.num_only_in_b = report.examples_b - len(seen_b)
+    if report.num_only_in_b:  # rare: only then read B's records again to name them
+        report.only_in_b = [_name(key) for key in sorted(index_b.all_keys() - seen_b)[:20]]
+    if report.num_only_in_a or report.num_only_in_b:
+        report.identical = False
+    if report.targets_compared:
+        report.mean_topk_overlap = overlap_sum / report.targets_compared
+    report.mean_logprob_diff = diff_sum / diff_count if diff_count else None
+    report.max_tail_diff = tail_max
+    return report
+
+
+def _diff_click():
+    import click
+
+    @click.command("diff")
+    @click.argument("a")
+    @click.argument("b")
+    @click.option("--atol", type=float, default=1e-3, show_default=True,
+                  help="Largest log-probability (and tail) difference that still counts as agreement.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+    @click.option("--show", type=int, default=10, show_default=True, help="Top-1 disagreements listed.")
+    def diff_command(a, b, atol, as_json, show) -> None:
+        """Report where two caches differ: settings, examples, tokens, top-1, top-k overlap, log-prob and tail.
+
+        \b
+        Exit status: 0 when the caches agree (same examples and tokens, same top-1 everywhere, log-probabilities
+        and tails within --atol), 1 when they differ, 2 when one cannot be read.
+        """
+        from kdcache.errors import KdcacheError
+
+        try:
+            report = diff_caches(a, b, max_examples=show)
+        except KdcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        if as_json:
+            click.echo(json.dumps({**report.to_dict(), "agrees": report.agrees(atol), "atol": atol}, indent=2))
+        else:
+            click.echo(report.summary(atol))
+        sys.exit(0 if report.agrees(atol) else 1)
+
+    return diff_command
+
+
+diff_command = _diff_click()
