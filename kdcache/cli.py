@@ -241,7 +241,8 @@ def train_command(config_path, no_progress, overrides, **options) -> None:
 
     \b
     Re-running the same command resumes from the last checkpoint (model, optimizer, scaler, scheduler, RNG and
-    loader position). The held-out split of the cache is evaluated every eval_every steps.
+    loader position). The held-out split of the cache is evaluated every eval_every steps. Several GPUs (DDP):
+    torchrun --nproc_per_node N -m kdcache.cli train ... (the same options).
     """
     from kdcache.config import TrainConfig, load_config
     from kdcache.train.trainer import train
@@ -251,6 +252,8 @@ def train_command(config_path, no_progress, overrides, **options) -> None:
         assignments.append("progress=false")
     config = load_config(TrainConfig, config_path, [*assignments, *overrides])
     result = train(config)
+    if not result.is_main:  # under torchrun, rank 0 reports for the job
+        return
     click.echo(f"trained to step {result.step} in {result.out}" + (" (stopped early)" if result.stopped_early else ""))
     if result.evals:
         last = result.evals[-1]

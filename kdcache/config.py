@@ -220,6 +220,7 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, an nf4 base via bitsandbytes (t4 profile)
 
 
 @dataclass
@@ -251,6 +252,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states
     warmup_steps: int = 0
     max_steps: int = 100
     clip_grad: float = 1.0
@@ -262,3 +264,4 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     progress: bool = True
+    tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed

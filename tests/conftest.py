@@ -63,3 +63,28 @@ def make_config(output, teacher_dir, data_file, *overrides) -> CacheBuildConfig:
         "progress=false",
     ]
     return load_config(CacheBuildConfig, None, [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def sharp_cache(tmp_path_factory, tokenizer, data_file) -> str:
+    """A cache (4 shards of 6 rows) from a teacher whose LM head is scaled up, so its distributions have clear top-1
+    tokens: what the trainer tests distill from."""
+    import torch
+
+    from kdcache.teacher.build import build_cache
+
+    root = tmp_path_factory.mktemp("trainer")
+    teacher = build_qwen2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=11, tie_embeddings=False)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+    folder = save_model(teacher, tokenizer, root / "teacher")
+    build_cache(make_config(root / "cache", folder, data_file, "template.distill=all", "shard_size=6",
+                            "sparsifier.k=32"))
+    return str(root / "cache")
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tokenizer) -> str:
+    """A 1-layer Qwen2 student over the same tokenizer."""
+    model = build_qwen2(len(tokenizer), hidden_size=64, layers=1, heads=2, seed=5)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("student"))

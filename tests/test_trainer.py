@@ -9,33 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_config
 
 from kdcache.cli import main
 from kdcache.config import TrainConfig, load_config
 from kdcache.errors import CacheFormatError, IncompatibleCacheError
-from kdcache.teacher.build import build_cache
 from kdcache.tiny import build_qwen2, build_tokenizer, save_model
 from kdcache.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def sharp_cache(tmp_path_factory, tokenizer, data_file) -> str:
-    """A cache from a teacher whose LM head is scaled up, so its distributions have clear top-1 tokens."""
-    root = tmp_path_factory.mktemp("trainer")
-    teacher = build_qwen2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=11, tie_embeddings=False)
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(8.0)
-    folder = save_model(teacher, tokenizer, root / "teacher")
-    build_cache(make_config(root / "cache", folder, data_file, "template.distill=all", "shard_size=6",
-                            "sparsifier.k=32"))
-    return str(root / "cache")
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tokenizer) -> str:
-    model = build_qwen2(len(tokenizer), hidden_size=64, layers=1, heads=2, seed=5)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("student"))
 
 
 def config(cache, student, out, *overrides) -> TrainConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +48,91 @@ def check_student_vocab(model, vocab_size: int, student: str) -> None:
         )
 
 
+def _bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes' version, or None when it cannot be imported."""
+    try:
+        import bitsandbytes
+    except Exception:  # ImportError, or a build that fails while loading its native library
+        return None
+    return str(getattr(bitsandbytes, "__version__", "?"))
+
+
+@functools.lru_cache(maxsize=None)
+def _bitsandbytes_runs_on_cpu(feature: str) -> bool:
+    """Whether the installed bitsandbytes can do `feature` ('adamw_8bit' or '4bit') on the CPU: a tiny real try.
+
+    Releases before CPU support existed raise (or fail to find a native library) here, so asking is the reliable check.
+    """
+    try:
+        if feature == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            param = torch.nn.Parameter(torch.ones(4096))
+            optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+            param.grad = torch.ones_like(param)
+            optimizer.step()
+            return bool(torch.isfinite(param).all())
+        import bitsandbytes.functional as bnbf
+
+        weight = torch.linspace(-1, 1, 128).reshape(2, 64)
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4")
+        return bool((bnbf.dequantize_4bit(packed, state) - weight).abs().max() < 0.2)
+    except Exception:
+        return False
+
+
+def require_bitsandbytes(feature: str, device: torch.device) -> None:
+    """Refuse 8-bit AdamW (`adamw_8bit`) or QLoRA (`4bit`) with a clear message when bitsandbytes cannot do it here."""
+    what = {"adamw_8bit": "optimizer=adamw_8bit", "4bit": "lora.quantize=4bit (QLoRA)"}[feature]
+    instead = {"adamw_8bit": "optimizer=adamw", "4bit": "lora.quantize=none"}[feature]
+    version = _bitsandbytes_version()
+    if version is None:
+        raise BadInputError(f"{what} needs bitsandbytes: pip install bitsandbytes, or set {instead}")
+    if device.type == "cpu" and not _bitsandbytes_runs_on_cpu(feature):
+        raise BadInputError(
+            f"{what}: the installed bitsandbytes {version} cannot run on the CPU; run on a GPU with profile=t4 (or "
+            f"bf16), upgrade to a release with CPU support (pip install -U bitsandbytes; 0.50 works), or set {instead}"
+        )
+
+
+def _nf4_config(precision: Precision):
+    """QLoRA's quantisation: nf4 base weights with double quantisation, computing in the profile's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=precision.autocast_dtype or torch.float32)
+
+
 def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: int,
                  gradient_checkpointing: bool = False):
-    """The student model ready to train: LoRA adapters in fp32 (or every weight trainable), on the profile's device."""
+    """The student model ready to train: LoRA adapters in fp32 (or every weight trainable), on the profile's device.
+
+    With ``lora.quantize='4bit'`` (QLoRA) the frozen base is loaded in nf4 through bitsandbytes, straight onto the
+    device, and prepared with peft's ``prepare_model_for_kbit_training`` (norms and head in fp32, input grads on).
+    """
     from transformers import AutoModelForCausalLM
 
+    quantized = lora.quantize == "4bit"
+    extra = {}
+    if quantized:
+        if not lora.enabled:
+            raise BadInputError("lora.quantize=4bit (QLoRA) trains LoRA adapters on a 4-bit base: set "
+                                "lora.enabled=true, or lora.quantize=none for full fine-tuning")
+        require_bitsandbytes("4bit", precision.device)
+        extra = {"quantization_config": _nf4_config(precision), "device_map": {"": str(precision.device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weight_dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weight_dtype, attn_implementation="sdpa",
+                                                     **extra)
     except OSError as exc:
         raise BadInputError(f"cannot load the student '{name}': {exc}") from None
     check_student_vocab(model, vocab_size, name)
     model.config.use_cache = False
-    if gradient_checkpointing:
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora.enabled:
             model.enable_input_require_grads()
@@ -78,7 +152,19 @@ def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: 
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable weights stay fp32 (fp16 Adam updates underflow)
-    return model.to(precision.device)
+    return model if quantized else model.to(precision.device)  # a 4-bit model is already placed by device_map
+
+
+def make_optimizer(kind: str, params: list, lr: float, weight_decay: float, device: torch.device):
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits: about 75% less state memory)."""
+    if kind == "adamw_8bit":
+        require_bitsandbytes("adamw_8bit", device)
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if kind != "adamw":
+        raise BadInputError(f"optimizer must be adamw or adamw_8bit, got {kind!r}")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -1,11 +1,17 @@
 """`kdcache train`: distill a student from a cache alone (the teacher is never loaded).
 
-The loop is kept readable in one screen (`train`); evaluation, checkpoints and logging are small helpers beside it.
+The loop is kept readable in one screen (`_train`); evaluation, checkpoints and logging are small helpers beside it.
+The same command runs as one process or under ``torchrun --nproc_per_node N`` (DDP, see
+:mod:`kdcache.train.distributed`): each rank reads its own shards, gradients are all-reduced, held-out sums are
+reduced over ranks, and rank 0 alone writes checkpoints, metrics, TensorBoard logs and the progress bar.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -22,13 +28,29 @@ from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
 from kdcache.teacher.build import load_tokenizer
 from kdcache.teacher.hf import final_hidden_states, output_logits
+from kdcache.train.distributed import (
+    DistillationObjective,
+    Distributed,
+    init_distributed,
+    sync_context,
+    wrap_for_training,
+)
 from kdcache.train.loader import CacheDataset
-from kdcache.train.losses import LossConfig, kd_loss, teacher_confidence_weight
-from kdcache.train.student import load_student, resolve_precision, trainable_state
-from kdcache.train.student_forward import chunked_distillation_loss
+from kdcache.train.losses import LossConfig, kd_loss
+from kdcache.train.student import (
+    load_student,
+    make_optimizer,
+    require_bitsandbytes,
+    resolve_precision,
+    trainable_state,
+)
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+DIGEST_ENV = "KDCACHE_PARAM_DIGESTS"  # set to 1: each rank writes param-digest-rank<r>.json at the end (tests)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +59,7 @@ class TrainResult:
     step: int
     evals: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    is_main: bool = True  # False on DDP ranks other than 0 (which print and write nothing)
 
 
 def loss_config(config: TrainConfig) -> LossConfig:
@@ -55,9 +78,13 @@ def lr_lambda(config: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int) -> dict:
+def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
+             dist: Distributed | None = None) -> dict:
     """Held-out distillation loss (the run's own, alpha = 0), forward KL at T = 1 on the (k+1) buckets (comparable
-    across runs with different losses), and agreement of the student's top-1 with the teacher's top-1."""
+    across runs with different losses), and agreement of the student's top-1 with the teacher's top-1.
+
+    Under DDP each rank scores its own share of the held-out shards and the sums are added over ranks, so every
+    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision)."""
     model.eval()
     kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
@@ -81,6 +108,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
             agree += float((logits.argmax(-1) == targets.ids[:, 0].long()).sum())
             count += logits.shape[0]
     model.train()
+    if dist is not None:
+        kd_sum, fkl_sum, agree, count = dist.all_sum([kd_sum, fkl_sum, agree, count], precision.device)
     if count == 0:
         raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
     return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
@@ -104,39 +133,68 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset, state: dict) -> None:
-    """Write the checkpoint into a fresh folder, then swap it in, so a kill never leaves a half checkpoint."""
-    staging = out / f".{CHECKPOINT}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "loader": loader.state_dict(), "rng": _rng_state()}, staging / "state.pt")
-    (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+def _seed_rank(seed: int, dist: Distributed) -> None:
+    """Under DDP, give each rank its own random stream (dropout masks) once the model is built identically."""
+    if dist.enabled:
+        random.seed(seed + dist.rank), np.random.seed(seed + dist.rank), torch.manual_seed(seed + dist.rank)
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset) -> dict | None:
+def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset, state: dict,
+                    dist: Distributed | None = None) -> None:
+    """Write the checkpoint into a fresh folder, then swap it in, so a kill never leaves a half checkpoint.
+
+    Model, optimizer, scheduler and scaler are the same on every rank; the loader position and RNG state are each
+    rank's own, so they are gathered and kept as one entry per rank. Rank 0 writes; the barrier after it keeps every
+    rank from going on (or exiting) before the checkpoint is complete.
+    """
+    dist = dist or Distributed()
+    per_rank = dist.all_gather({"loader": loader.state_dict(), "rng": _rng_state()})
+    if dist.is_main:
+        staging = out / f".{CHECKPOINT}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+                    "world_size": dist.world_size}, staging / "state.pt")
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset,
+                    dist: Distributed | None = None, device: torch.device | str = "cpu") -> dict | None:
+    """Restore a checkpoint (each rank takes its own loader position and RNG state); None when there is none."""
+    dist = dist or Distributed()
     folder = out / CHECKPOINT
     if not (folder / "trainer_state.json").exists():
         return None
-    saved = torch.load(folder / "state.pt", weights_only=False)
+    saved = torch.load(folder / "state.pt", weights_only=False, map_location=device)
+    loaders, rngs = saved["loader"], saved["rng"]
+    if isinstance(loaders, dict):  # written by a single-process run before per-rank entries existed
+        loaders, rngs = [loaders], [rngs]
+    if len(loaders) != dist.world_size:
+        raise BadInputError(
+            f"the checkpoint in {folder} was written by {len(loaders)} process(es) but this run has "
+            f"{dist.world_size}: each rank's loader position is its own, so resume with the same number "
+            f"(torchrun --nproc_per_node {len(loaders)}), or train into a new --out"
+        )
     params = dict(model.named_parameters())
     for name, value in saved["trainable"].items():
         params[name].data.copy_(value)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    loader.load_state_dict(saved["loader"])
-    _set_rng_state(saved["rng"])
+    loader.load_state_dict(loaders[dist.rank])
+    _set_rng_state(rngs[dist.rank])
     return json.loads((folder / "trainer_state.json").read_text())
 
 
@@ -154,6 +212,56 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+_warned_no_tensorboard = False
+
+
+def _summary_writer(folder: Path, resume_step: int):
+    """A TensorBoard SummaryWriter (None, with one warning per process, when tensorboard is not installed).
+
+    ``purge_step`` drops events a killed run wrote after its last checkpoint, so a resumed curve has no doubles.
+    """
+    global _warned_no_tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _warned_no_tensorboard:
+            log.warning("tensorboard=true but the tensorboard package is not installed, so no TensorBoard logs are "
+                        "written (metrics.jsonl still is): pip install tensorboard, or set tensorboard=false")
+            _warned_no_tensorboard = True
+        return None
+    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+
+
+def scalar_tag(key: str) -> str:
+    """TensorBoard tag of a metrics record key: heldout_* under heldout/, everything else under train/."""
+    return f"heldout/{key[len('heldout_'):]}" if key.startswith("heldout_") else f"train/{key}"
+
+
+class RunLog:
+    """Where a run's figures go: metrics.jsonl and TensorBoard scalars, written by rank 0 only (a no-op elsewhere)."""
+
+    def __init__(self, out: Path, resume_step: int, tensorboard: bool, active: bool):
+        self.metrics = MetricsLog(out, resume_step) if active else None
+        self.writer = _summary_writer(out / TENSORBOARD, resume_step) if active and tensorboard else None
+
+    def write(self, record: dict) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(scalar_tag(key), value, record["step"])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _next_batch(iterator, dataset: CacheDataset):
     try:
         return next(iterator), iterator
@@ -164,88 +272,140 @@ def _next_batch(iterator, dataset: CacheDataset):
 
 
 def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResult:
-    """Train (or resume) a student from `config.cache`; `stop_after_steps` ends early as a kill would (tests)."""
+    """Train (or resume) a student from `config.cache`; `stop_after_steps` ends early as a kill would (tests).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this process joins the DDP group first and leaves it at the end.
+    """
     for name in ("cache", "student", "out"):
         if not getattr(config, name):
             raise BadInputError(f"no {name} given: set --{name}")
+    precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
+    if config.optimizer == "adamw_8bit":
+        require_bitsandbytes("adamw_8bit", precision.device)  # before any model is loaded
+    dist = init_distributed(precision.device)
+    try:
+        precision = dataclasses.replace(precision, device=dist.device(precision.device))
+        return _train(config, precision, dist, stop_after_steps)
+    finally:
+        dist.shutdown()
+
+
+def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
+    """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
-    precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
-                  heldout_fraction=config.heldout_fraction, tokenizer=tokenizer)
+                  heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
+                  world_size=dist.world_size)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
     losses = loss_config(config)
-    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data) or {
-        "step": 0, "best": None, "evals_since_best": 0, "evals": []}
-    (out / "train_config.json").write_text(json.dumps(to_dict(config), indent=2))
-    log = MetricsLog(out, state["step"])
-    result = TrainResult(out=str(out), step=state["step"], evals=state["evals"])
+    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist, precision.device)
+    if state is None:
+        state = {"step": 0, "best": None, "evals_since_best": 0, "evals": []}
+        _seed_rank(config.seed, dist)
+    objective = DistillationObjective(model, losses, config.chunk_size, train_data.vocab_size,
+                                      config.loss.confidence_weight)
+    step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
+    if dist.is_main:
+        (out / "train_config.json").write_text(json.dumps(to_dict(config), indent=2))
+    run_log = RunLog(out, state["step"], config.tensorboard, active=dist.is_main)
+    result = TrainResult(out=str(out), step=state["step"], evals=state["evals"], is_main=dist.is_main)
     from tqdm import tqdm
 
-    bar = tqdm(total=config.max_steps, initial=state["step"], desc="train", disable=not config.progress)
+    bar = tqdm(total=config.max_steps, initial=state["step"], desc="train",
+               disable=not (config.progress and dist.is_main))
     model.train()
     iterator = iter(train_data)
     while state["step"] < config.max_steps:
         if stop_after_steps is not None and state["step"] - result.step >= stop_after_steps:
             break
         started, tokens, wait = time.perf_counter(), 0, 0.0
-        for _ in range(config.grad_accum):
+        for micro in range(config.grad_accum):
             waited = time.perf_counter()
             batch, iterator = _next_batch(iterator, train_data)
             wait += time.perf_counter() - waited
             batch = batch.to(precision.device)
-            weights = teacher_confidence_weight(batch.targets) if config.loss.confidence_weight else None
-            with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
-                                enabled=precision.autocast_dtype is not None):
-                loss, parts = chunked_distillation_loss(
-                    model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
-                    losses, chunk_size=config.chunk_size, vocab_size=train_data.vocab_size, weights=weights)
-            scaler.scale(loss / config.grad_accum).backward()
+            with sync_context(step_module, sync=micro == config.grad_accum - 1):  # all-reduce on the last only
+                with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
+                                    enabled=precision.autocast_dtype is not None):
+                    loss, parts = step_module(batch)
+                scaler.scale(loss / config.grad_accum).backward()
             tokens += batch.num_tokens
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)  # grads are already the ranks' mean
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        seconds = time.perf_counter() - started
-        record = {"step": state["step"], "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds,
-                  "loader_wait_s": wait}
+        record = _step_record(state["step"], loss, parts, tokens, wait, started, dist, precision.device)
+        record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
         if precision.device.type == "cuda":
-            record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(precision.device) / 2**30
+        run_log.write(record)
+        postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+        if "max_memory_gib" in record:
+            postfix["mem"] = f"{record['max_memory_gib']:.1f}G"
+        bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if config.eval_every and state["step"] % config.eval_every == 0:
-            metrics = {"step": state["step"], **evaluate(model, heldout, losses, precision, config.chunk_size)}
-            log.write(metrics)
+            metrics = {"step": state["step"],
+                       **evaluate(model, heldout, losses, precision, config.chunk_size, dist)}
+            run_log.write(metrics)
             state["evals"].append(metrics)
             if state["best"] is None or metrics["heldout_kd"] < state["best"]:
                 state["best"], state["evals_since_best"] = metrics["heldout_kd"], 0
-                save_student(model, tokenizer, out / "best")
+                if dist.is_main:
+                    save_student(model, tokenizer, out / "best")
             else:
                 state["evals_since_best"] += 1
             if config.patience is not None and state["evals_since_best"] >= config.patience:
                 result.stopped_early = True
         if state["step"] % config.save_every == 0 or state["step"] == config.max_steps or result.stopped_early:
-            save_checkpoint(out, model, optimizer, scheduler, scaler, train_data, state)
+            run_log.flush()
+            save_checkpoint(out, model, optimizer, scheduler, scaler, train_data, state, dist)
         if result.stopped_early:
             break
     bar.close()
-    if state["step"] >= config.max_steps or result.stopped_early:
+    run_log.close()
+    if (state["step"] >= config.max_steps or result.stopped_early) and dist.is_main:
         save_student(model, tokenizer, out / "final")
+    if os.environ.get(DIGEST_ENV) == "1":
+        write_param_digest(out, model, dist, state["step"])
+    dist.barrier()
     result.step, result.evals = state["step"], state["evals"]
     return result
+
+
+def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started: float, dist: Distributed,
+                 device) -> dict:
+    """One step's figures over all ranks: losses averaged, tokens/s of the whole job, mean loader wait."""
+    keys = sorted(parts)
+    sums = dist.all_sum([float(loss.detach()), *(float(parts[k]) for k in keys), float(tokens), wait], device)
+    n = dist.world_size
+    seconds = time.perf_counter() - started
+    record = {"step": step, "loss": sums[0] / n, **{k: v / n for k, v in zip(keys, sums[1:-2])}}
+    record.update(tokens_per_s=sums[-2] / seconds, loader_wait_s=sums[-1] / n)
+    return record
+
+
+def write_param_digest(out: Path, model, dist: Distributed, step: int) -> None:
+    """sha256 of every trainable parameter's bytes, one file per rank: DDP ranks must agree bit for bit (tests)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    record = {"rank": dist.rank, "world_size": dist.world_size, "step": step, "sha256": digest.hexdigest()}
+    (out / f"param-digest-rank{dist.rank}.json").write_text(json.dumps(record))
 
 
 def save_student(model, tokenizer, folder: Path) -> None:
