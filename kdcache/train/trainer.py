@@ -328,6 +328,7 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
         if stop_after_steps is not None and state["step"] - result.step >= stop_after_steps:
             break
         started, tokens, wait = time.perf_counter(), 0, 0.0
+        step_loss, step_parts = 0.0, {}  # means over the micro-batches of this step
         for micro in range(config.grad_accum):
             waited = time.perf_counter()
             batch, iterator = _next_batch(iterator, train_data)
@@ -338,6 +339,9 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
                                     enabled=precision.autocast_dtype is not None):
                     loss, parts = step_module(batch)
                 scaler.scale(loss / config.grad_accum).backward()
+            step_loss = step_loss + loss.detach() / config.grad_accum  # tensors: no device sync per micro-batch
+            for key, value in parts.items():
+                step_parts[key] = step_parts.get(key, 0.0) + value.detach() / config.grad_accum
             tokens += batch.num_tokens
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)  # grads are already the ranks' mean
@@ -346,7 +350,7 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
-        record = _step_record(state["step"], loss, parts, tokens, wait, started, dist, precision.device)
+        record = _step_record(state["step"], step_loss, step_parts, tokens, wait, started, dist, precision.device)
         record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
         if precision.device.type == "cuda":
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(precision.device) / 2**30
@@ -389,7 +393,7 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
                  device) -> dict:
     """One step's figures over all ranks: losses averaged, tokens/s of the whole job, mean loader wait."""
     keys = sorted(parts)
-    sums = dist.all_sum([float(loss.detach()), *(float(parts[k]) for k in keys), float(tokens), wait], device)
+    sums = dist.all_sum([float(loss), *(float(parts[k]) for k in keys), float(tokens), wait], device)
     n = dist.world_size
     seconds = time.perf_counter() - started
     record = {"step": step, "loss": sums[0] / n, **{k: v / n for k, v in zip(keys, sums[1:-2])}}
