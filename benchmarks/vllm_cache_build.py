@@ -39,7 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-UPSC = [REPO / "examples" / "upsc" / "golden.jsonl", REPO / "examples" / "upsc" / "silver.jsonl"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_build import upsc_rows, write_data  # noqa: E402  (the same data as the transformers benchmark)
 PROMPT = "Title: {title}\nArticle: {text}\nWhich GS paper?"
 TARGET = " {gs_paper}"
 
@@ -75,18 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_data(path: Path, n: int) -> None:
-    base = [json.loads(line) for f in UPSC for line in f.read_text().splitlines() if line.strip()]
-    with open(path, "w") as handle:
-        for i in range(n):
-            row = dict(base[i % len(base)])
-            cycle = i // len(base)
-            if cycle:
-                row["id"] = f"{row['id']}#{cycle}"
-                row["text"] = f"{row['text']} ({cycle})"
-            handle.write(json.dumps(row) + "\n")
-
-
 def main(argv=None) -> dict:
     import torch
     import yaml
@@ -101,7 +90,7 @@ def main(argv=None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kdcache-vllm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        base = [json.loads(line) for f in UPSC for line in f.read_text().splitlines() if line.strip()]
+        base = upsc_rows()
         tokenizer = build_tokenizer([f"{r['title']} {r['text']} {r['gs_paper']}" for r in base], args.tokenizer_vocab)
         model = build_qwen2(args.vocab_size or len(tokenizer), hidden_size=args.hidden_size, layers=args.layers,
                             heads=args.heads, seed=0)
@@ -109,7 +98,7 @@ def main(argv=None) -> dict:
         params = sum(p.numel() for p in model.parameters())
         del model
         data = work / "data.jsonl"
-        write_data(data, args.examples)
+        write_data(data, base, args.examples)
         settings = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "max_logprobs": max(args.k, 20)}
         for item in args.vllm:
             key, value = item.split("=", 1)
