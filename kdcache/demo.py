@@ -161,9 +161,8 @@ def run_demo(out: str = "storage/demo", size: str = "default", progress: bool = 
 
 def _heldout_kd(cache: str, student: str) -> float:
     """Held-out forward KL (T = 1) of a student against the cache, as the trainer's evaluation measures it."""
-    from kdcache.config import LoraConfig
+    from kdcache.config import LoraConfig, LossConfig
     from kdcache.train.loader import CacheDataset
-    from kdcache.train.losses import LossConfig
     from kdcache.train.student import load_student, resolve_precision
     from kdcache.train.trainer import evaluate
 

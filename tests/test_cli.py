@@ -87,3 +87,14 @@ def test_config_types_are_checked():
         load_config(CacheBuildConfig, None, ["teacher.dtype=fp8"])
     for job in sorted((REPO / "jobs").glob("cache-*.yaml")):
         load_config(CacheBuildConfig, job)  # every shipped cache job spec parses
+
+
+def test_loss_settings_are_checked_when_loaded():
+    from kdcache.config import TrainConfig
+
+    with pytest.raises(BadInputError, match=r"^config key 'loss.alpha' must be in \[0, 1\], got 1.5$"):
+        load_config(TrainConfig, None, ["loss.alpha=1.5"])
+    with pytest.raises(BadInputError, match="'loss.top_k' must be None with kind 'sampled_ce'"):
+        load_config(TrainConfig, None, ["loss.kind=sampled_ce", "loss.top_k=4"])
+    for job in sorted((REPO / "jobs").glob("train-*.yaml")):
+        load_config(TrainConfig, job)  # every shipped training job spec parses
