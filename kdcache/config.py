@@ -322,3 +322,35 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed
 
+
+@dataclass
+class EvalConfig:
+    """Everything `kdcache eval` needs. `labels` are scored (mode=score) or parsed from generations (generate)."""
+
+    model: str = ""  # a model folder, a peft adapter folder, or a hub id whose weights are already local
+    data: list[str] = field(default_factory=list)  # JSONL / CSV / Parquet files or `datasets` folders
+    out: str = ""
+    labels: list[str] = field(default_factory=list)
+    label_field: str = "label"  # the gold label (or, for generation metrics, the reference text or list)
+    prompt: str = "{input}"  # a format string over the row's fields
+    system: str | None = None
+    chat: ChatMode = "auto"
+    id_field: str | None = None  # default: the field `id` when every row has it, else the row number
+    data_format: DataFormat = "auto"
+    negative_label: str | None = None  # e.g. "none": enables the binary relevance metrics
+    label_prefix: str = " "  # text between the prompt and a label, as in the training target (" {gs_paper}")
+    label_eos: bool = False  # score label + EOS (the label and nothing after it)
+    mode: Literal["score", "generate"] = "score"
+    max_new_tokens: int = 16
+    limit: int | None = None
+    batch_size: int = 8  # examples per forward pass (each scored with every label)
+    device: str = "auto"
+    dtype: Dtype = "float32"
+    tokenizer: str | None = None
+    base: str | None = None  # the base model of an adapter, when not the one its config names
+    max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
+    n_bins: int = 10
+    bleu_smoothing: str = "exp"
+    warmup: bool = True  # run the first batch once, untimed, before measuring
+    plots: bool = True
+    progress: bool = True

@@ -144,7 +144,8 @@ def run_demo(out: str = "storage/demo", size: str = "default", progress: bool = 
     metrics = {}
     for name, model in models.items():
         result = run_eval(EvalConfig(model=model, data=[eval_file], out=str(root / "eval" / name), labels=LABELS,
-                                     label_field="gs_paper", prompt=PROMPT, negative_label="none", batch_size=8))
+                                     label_field="gs_paper", prompt=PROMPT, negative_label="none", batch_size=8,
+                                     progress=progress))
         metrics[name] = result.metrics
     compare_runs(root / "eval" / "teacher", root / "eval" / "distilled", names=("teacher", "distilled"),
                  out=root / "compare")
