@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,13 +14,29 @@ import yaml
 
 from kdcache.errors import BadInputError
 
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "datasets"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+ChatMode = Literal["auto", "yes", "no"]  # wrap the prompt in the tokenizer's chat template (auto: when it has one)
+
+
+class ConfigValueError(ValueError):
+    """A value a config dataclass refuses in `__post_init__` ("X must be Y, got Z").
+
+    Raised as a ValueError from Python; `from_dict` (YAML files, `--set`) turns it into a BadInputError naming the
+    key's full path, e.g. "config key 'loss.alpha' must be in [0, 1], got 1.5".
+    """
+
+    def __init__(self, key: str, requirement: str, value: Any):
+        super().__init__(f"{key} must be {requirement}, got {value!r}")
+        self.key, self.requirement, self.value = key, requirement, value
+
 
 @dataclass
 class DataConfig:
     """Where examples come from and which fields of a row mean what."""
 
     paths: list[str] = field(default_factory=list)  # JSONL, CSV, Parquet files or `save_to_disk` folders
-    format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = "auto"
+    format: DataFormat = "auto"
     id_field: str | None = None  # a stable example id; the row number is used when absent
     target_field: str | None = None  # the answer; `{field}` placeholders in the template may use any field
     label_fields: list[str] = field(default_factory=list)  # fields copied to the records as labels
@@ -33,7 +50,7 @@ class TemplateConfig:
     prompt: str = "{input}"
     target: str = "{target}"
     system: str | None = None  # a system message, used with chat templates
-    chat: Literal["auto", "yes", "no"] = "auto"  # wrap the prompt in the tokenizer's chat template
+    chat: ChatMode = "auto"
     distill: Literal["target", "all"] = "target"  # distill answer tokens only, or every token after the first
     add_eos: bool = True  # end the target with the tokenizer's EOS token, so the student learns to stop
 
@@ -56,7 +73,7 @@ class TeacherConfig:
     model: str = ""  # a local folder or a hub id (weights must already be available locally or via the hub cache)
     revision: str | None = None
     backend: Literal["hf", "vllm"] = "hf"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     batch_size: int = 8
     chunk_size: int = 1024  # target positions projected through the LM head at once
@@ -169,7 +186,11 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in known:
             raise BadInputError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(known))}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as exc:
+        path = f"{where}.{exc.key}" if where else exc.key
+        raise BadInputError(f"config key '{path}' must be {exc.requirement}, got {exc.value!r}") from None
 
 
 def to_dict(config: Any) -> dict:
@@ -223,18 +244,53 @@ class LoraConfig:
     quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, an nf4 base via bitsandbytes (t4 profile)
 
 
-@dataclass
-class LossSettings:
-    """What the student is trained on: alpha * CE + (1 - alpha) * distillation loss (docs/losses.md)."""
+#: The distillation losses (docs/losses.md): `LossConfig.kind`, `kdcache train --loss` and `losses.kd_loss` all
+#: take their names from this one list.
+LossKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "topk_forward_kl",
+                   "sampled_ce"]
+LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
-    kind: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv",
-                  "topk_forward_kl", "sampled_ce"] = "forward_kl"
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What the student is trained on: ``alpha * CE(labels) + (1 - alpha) * KD(kind)`` (docs/losses.md).
+
+    kind: one of :data:`LOSS_KINDS`.
+    temperature: T > 0 (for ``sampled_ce`` it should be the sampling temperature the cache was built with,
+        normally 1).
+    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain CE).
+    skew: skew coefficient a in [0, 1) for the skew KLs (DistiLLM uses 0.1).
+    beta: JSD mixing weight in (0, 1).
+    top_k: use only the first k' <= k cached entries of topk targets; the dropped entries' mass is folded exactly
+        into the tail bucket (``None`` = all).
+    confidence_weight: weight positions by the teacher's top-1 probability.
+    """
+
+    kind: LossKind = "forward_kl"
     temperature: float = 1.0
     alpha: float = 0.5
     skew: float = 0.1
     beta: float = 0.5
-    top_k: int | None = None  # use only the first k' <= k cached entries
-    confidence_weight: bool = False  # weight positions by the teacher's top-1 probability
+    top_k: int | None = None
+    confidence_weight: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ConfigValueError("kind", f"one of {', '.join(LOSS_KINDS)}", self.kind)
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigValueError("temperature", "a positive finite number", self.temperature)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigValueError("alpha", "in [0, 1]", self.alpha)
+        if not 0.0 <= self.skew < 1.0:
+            raise ConfigValueError("skew", "in [0, 1)", self.skew)
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigValueError("beta", "in (0, 1)", self.beta)
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                raise ConfigValueError("top_k", "a positive integer or None", self.top_k)
+            if self.kind == "sampled_ce":
+                raise ConfigValueError("top_k", "None with kind 'sampled_ce' (it applies to topk targets only)",
+                                       self.top_k)
 
 
 @dataclass
@@ -244,7 +300,7 @@ class TrainConfig:
     cache: str = ""
     student: str = ""  # a local folder or a hub id (weights already available locally)
     out: str = ""
-    loss: LossSettings = field(default_factory=LossSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     profile: Literal["auto", "cpu", "t4", "bf16"] = "auto"  # t4: fp16 autocast + GradScaler; bf16: newer GPUs
     batch_size: int = 8
@@ -265,3 +321,36 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed
+
+
+@dataclass
+class EvalConfig:
+    """Everything `kdcache eval` needs. `labels` are scored (mode=score) or parsed from generations (generate)."""
+
+    model: str = ""  # a model folder, a peft adapter folder, or a hub id whose weights are already local
+    data: list[str] = field(default_factory=list)  # JSONL / CSV / Parquet files or `datasets` folders
+    out: str = ""
+    labels: list[str] = field(default_factory=list)
+    label_field: str = "label"  # the gold label (or, for generation metrics, the reference text or list)
+    prompt: str = "{input}"  # a format string over the row's fields
+    system: str | None = None
+    chat: ChatMode = "auto"
+    id_field: str | None = None  # default: the field `id` when every row has it, else the row number
+    data_format: DataFormat = "auto"
+    negative_label: str | None = None  # e.g. "none": enables the binary relevance metrics
+    label_prefix: str = " "  # text between the prompt and a label, as in the training target (" {gs_paper}")
+    label_eos: bool = False  # score label + EOS (the label and nothing after it)
+    mode: Literal["score", "generate"] = "score"
+    max_new_tokens: int = 16
+    limit: int | None = None
+    batch_size: int = 8  # examples per forward pass (each scored with every label)
+    device: str = "auto"
+    dtype: Dtype = "float32"
+    tokenizer: str | None = None
+    base: str | None = None  # the base model of an adapter, when not the one its config names
+    max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
+    n_bins: int = 10
+    bleu_smoothing: str = "exp"
+    warmup: bool = True  # run the first batch once, untimed, before measuring
+    plots: bool = True
+    progress: bool = True

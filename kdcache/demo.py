@@ -144,7 +144,8 @@ def run_demo(out: str = "storage/demo", size: str = "default", progress: bool = 
     metrics = {}
     for name, model in models.items():
         result = run_eval(EvalConfig(model=model, data=[eval_file], out=str(root / "eval" / name), labels=LABELS,
-                                     label_field="gs_paper", prompt=PROMPT, negative_label="none", batch_size=8))
+                                     label_field="gs_paper", prompt=PROMPT, negative_label="none", batch_size=8,
+                                     progress=progress))
         metrics[name] = result.metrics
     compare_runs(root / "eval" / "teacher", root / "eval" / "distilled", names=("teacher", "distilled"),
                  out=root / "compare")
@@ -161,9 +162,8 @@ def run_demo(out: str = "storage/demo", size: str = "default", progress: bool = 
 
 def _heldout_kd(cache: str, student: str) -> float:
     """Held-out forward KL (T = 1) of a student against the cache, as the trainer's evaluation measures it."""
-    from kdcache.config import LoraConfig
+    from kdcache.config import LoraConfig, LossConfig
     from kdcache.train.loader import CacheDataset
-    from kdcache.train.losses import LossConfig
     from kdcache.train.student import load_student, resolve_precision
     from kdcache.train.trainer import evaluate
 

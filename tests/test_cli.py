@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -87,3 +90,47 @@ def test_config_types_are_checked():
         load_config(CacheBuildConfig, None, ["teacher.dtype=fp8"])
     for job in sorted((REPO / "jobs").glob("cache-*.yaml")):
         load_config(CacheBuildConfig, job)  # every shipped cache job spec parses
+
+
+def test_loss_settings_are_checked_when_loaded():
+    from kdcache.config import TrainConfig
+
+    with pytest.raises(BadInputError, match=r"^config key 'loss.alpha' must be in \[0, 1\], got 1.5$"):
+        load_config(TrainConfig, None, ["loss.alpha=1.5"])
+    with pytest.raises(BadInputError, match="'loss.top_k' must be None with kind 'sampled_ce'"):
+        load_config(TrainConfig, None, ["loss.kind=sampled_ce", "loss.top_k=4"])
+    for job in sorted((REPO / "jobs").glob("train-*.yaml")):
+        load_config(TrainConfig, job)  # every shipped training job spec parses
+
+
+def test_only_given_options_become_overrides():
+    from kdcache.cli.cache import cache_build
+    from kdcache.cli.eval import eval_command
+    from kdcache.cli.options import options_to_overrides
+
+    given = {"teacher": "t", "batch_size": None, "data": ("a.jsonl", "b.jsonl"), "label_field": (), "k": 0,
+             "generate": None, "skip_bad_rows": True, "no_progress": False}
+    assert options_to_overrides(given, cache_build) == [
+        'teacher.model="t"', 'data.paths=["a.jsonl", "b.jsonl"]', "sparsifier.k=0", "skip_bad_rows=true"]
+    assert options_to_overrides({"no_progress": True, "label_eos": False}, eval_command) == [
+        "label_eos=false", "progress=false"]
+
+
+def test_choices_and_defaults_come_from_the_configs():
+    from kdcache.cli.train import train_command
+    from kdcache.config import LOSS_KINDS
+
+    (loss,) = [param for param in train_command.params if param.name == "loss"]
+    assert tuple(loss.type.choices) == LOSS_KINDS
+    text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "[default: forward_kl]" in text and "[default: 0.5]" in text  # loss.kind and loss.alpha
+
+
+def test_help_does_not_import_torch_and_the_module_runs():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys\nfrom kdcache.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.splitlines()[-1] == "False", result.stdout
+    result = subprocess.run([sys.executable, "-m", "kdcache.cli", "--help"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "cache" in result.stdout and "train" in result.stdout

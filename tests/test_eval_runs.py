@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from conftest import upsc_rows
 
+from kdcache.cli.eval import compare_command, eval_command
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
-from kdcache.eval.commands import compare_command, eval_command
 from kdcache.eval.runner import EvalConfig, run_eval, strip_timing
 from kdcache.eval.scoring import (
     generate,
@@ -250,6 +250,23 @@ def test_compare_exit_status_follows_the_criteria(two_runs, tmp_path):
     broken.write_text("- {metric: acuracy, min: 0.5}\n")
     error = CliRunner().invoke(compare_command, [*runs, "--criteria", str(broken)])
     assert error.exit_code == 2 and "did you mean accuracy" in error.output
+
+
+def test_eval_reads_a_job_spec_with_overrides(tmp_path, sharp_dir, short_data):
+    """`kdcache eval --config` like train and cache build: options and --set override the YAML file's values."""
+    spec = tmp_path / "eval.yaml"
+    spec.write_text(json.dumps({"model": sharp_dir, "data": [short_data], "labels": LABELS, "label_field": "gs_paper",
+                                "prompt": PROMPT, "negative_label": "none", "device": "cpu", "limit": 8}))
+    out = tmp_path / "from-spec"
+    result = CliRunner().invoke(eval_command, ["--config", str(spec), "--out", str(out), "--limit", "4",
+                                               "--no-plots", "--no-progress", "--set", "batch_size=3"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "eval_config.json").read_text())
+    assert saved["limit"] == 4 and saved["batch_size"] == 3 and saved["labels"] == LABELS  # option, --set, YAML
+    assert saved["plots"] is False and saved["warmup"] is True and saved["max_length"] == 1024  # the defaults hold
+    assert json.loads((out / "metrics.json").read_text())["n"] == 4
+    result = CliRunner().invoke(eval_command, ["--config", str(spec), "--out", str(out), "--set", "mode=guess"])
+    assert result.exit_code == 2 and "config key 'mode' must be one of ['score', 'generate']" in result.output
 
 
 def test_compare_refuses_runs_on_different_examples(tmp_path, two_runs, sharp_dir, short_data):

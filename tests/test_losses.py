@@ -422,3 +422,24 @@ def test_config_validation():
         L.kd_loss(LossConfig(kind="sampled_ce"), s, make_targets(t, 2))
     with pytest.raises(ValueError):
         L.distillation_loss(LossConfig(alpha=0.5), s, make_targets(t, 2), None)
+
+
+def test_kd_loss_dispatches_every_kind_with_its_settings():
+    t, s = make_logits(4, 7, seed=23)
+    topk, T = make_targets(t, 3), 2.0
+    sampled = _sample_targets(t.softmax(-1), 5, torch.Generator().manual_seed(0))
+    expected = {
+        "forward_kl": L.forward_kl(s, topk, temperature=T),
+        "reverse_kl": L.reverse_kl(s, topk, temperature=T),
+        "skew_forward_kl": L.skew_forward_kl(s, topk, temperature=T, skew=0.3),
+        "skew_reverse_kl": L.skew_reverse_kl(s, topk, temperature=T, skew=0.3),
+        "jsd": L.generalized_jsd(s, topk, temperature=T, beta=0.2),
+        "tv": L.total_variation(s, topk, temperature=T),
+        "topk_forward_kl": L.topk_forward_kl(s, topk, temperature=T),
+        "sampled_ce": L.sampled_cross_entropy(s, sampled, temperature=T),
+    }
+    assert tuple(expected) == L.LOSS_KINDS
+    for kind in L.LOSS_KINDS:
+        config = LossConfig(kind=kind, temperature=T, skew=0.3, beta=0.2)
+        got = L.kd_loss(config, s, sampled if kind == "sampled_ce" else topk)
+        assert torch.equal(got, expected[kind]), kind

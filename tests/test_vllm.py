@@ -18,9 +18,10 @@ import pytest
 import torch
 from conftest import PROMPT, TARGET, make_config
 
+from kdcache.cli.cache import diff_command
 from kdcache.config import CacheBuildConfig, TeacherConfig, load_config
 from kdcache.errors import BadInputError
-from kdcache.store.diff import diff_caches, diff_command
+from kdcache.store.diff import diff_caches
 from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import finalize
 from kdcache.store.verify import verify_cache

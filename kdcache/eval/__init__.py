@@ -1,6 +1,6 @@
 """Evaluation: label scoring and generation, metrics, speed and size, reports, comparisons and cascades.
 
-The CLI commands live in `kdcache.eval.commands` (`eval_command`, `compare_command`); docs/evaluation.md defines
+The CLI commands live in `kdcache.cli.eval` (`eval_command`, `compare_command`); docs/evaluation.md defines
 every metric, the success-criteria schema and the cascade.
 """
 

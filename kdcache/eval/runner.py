@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from kdcache.config import DataConfig
+from kdcache.config import DataConfig, EvalConfig
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.errors import BadInputError
 from kdcache.eval import metrics as M
@@ -28,39 +28,6 @@ from kdcache.eval.scoring import (
 from kdcache.eval.speed import peak_memory, reset_peak_memory, speed_summary, timed
 
 EVAL_FORMAT_VERSION = 1
-
-
-@dataclass
-class EvalConfig:
-    """Everything `kdcache eval` needs. `labels` are scored (mode=score) or parsed from generations (generate)."""
-
-    model: str = ""  # a model folder, a peft adapter folder, or a hub id whose weights are already local
-    data: list[str] = field(default_factory=list)  # JSONL / CSV / Parquet files or `datasets` folders
-    out: str = ""
-    labels: list[str] = field(default_factory=list)
-    label_field: str = "label"  # the gold label (or, for generation metrics, the reference text or list)
-    prompt: str = "{input}"  # a format string over the row's fields
-    system: str | None = None
-    chat: Literal["auto", "yes", "no"] = "auto"
-    id_field: str | None = None  # default: the field `id` when every row has it, else the row number
-    data_format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = "auto"
-    negative_label: str | None = None  # e.g. "none": enables the binary relevance metrics
-    label_prefix: str = " "  # text between the prompt and a label, as in the training target (" {gs_paper}")
-    label_eos: bool = False  # score label + EOS (the label and nothing after it)
-    mode: Literal["score", "generate"] = "score"
-    max_new_tokens: int = 16
-    limit: int | None = None
-    batch_size: int = 8  # examples per forward pass (each scored with every label)
-    device: str = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    tokenizer: str | None = None
-    base: str | None = None  # the base model of an adapter, when not the one its config names
-    max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
-    n_bins: int = 10
-    bleu_smoothing: str = "exp"
-    warmup: bool = True  # run the first batch once, untimed, before measuring
-    plots: bool = True
-    progress: bool = False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`kdcache cache diff A B`: where two caches of the same data differ (teachers, backends, dtypes, quantizations, k).
+"""Where two caches of the same data differ (teachers, backends, dtypes, quantizations, k): `kdcache cache diff`.
 
 Examples are matched by their source row index (`example_index`, with `sample_index` when the teacher wrote several
 answers per row), wherever their shards put them. For each example
@@ -18,8 +18,6 @@ compared entry by entry: their ids mean different tokens.
 from __future__ import annotations
 
 import bisect
-import json
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -263,38 +261,3 @@ def diff_caches(a: str, b: str, max_examples: int = 10) -> DiffReport:
     report.max_tail_diff = tail_max
     return report
 
-
-def _diff_click():
-    import click
-
-    @click.command("diff")
-    @click.argument("a")
-    @click.argument("b")
-    @click.option("--atol", type=float, default=1e-3, show_default=True,
-                  help="Largest log-probability (and tail) difference that still counts as agreement.")
-    @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-    @click.option("--show", type=int, default=10, show_default=True, help="Top-1 disagreements listed.")
-    def diff_command(a, b, atol, as_json, show) -> None:
-        """Report where two caches differ: settings, examples, tokens, top-1, top-k overlap, log-prob and tail.
-
-        \b
-        Exit status: 0 when the caches agree (same examples and tokens, same top-1 everywhere, log-probabilities
-        and tails within --atol), 1 when they differ, 2 when one cannot be read.
-        """
-        from kdcache.errors import KdcacheError
-
-        try:
-            report = diff_caches(a, b, max_examples=show)
-        except KdcacheError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        if as_json:
-            click.echo(json.dumps({**report.to_dict(), "agrees": report.agrees(atol), "atol": atol}, indent=2))
-        else:
-            click.echo(report.summary(atol))
-        sys.exit(0 if report.agrees(atol) else 1)
-
-    return diff_command
-
-
-diff_command = _diff_click()

@@ -58,8 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcache.config import LOSS_KINDS, LossConfig
+
 __all__ = [
-    "KINDS",
+    "LOSS_KINDS",
     "LossConfig",
     "SparseTargets",
     "bucket_logprobs",
@@ -78,18 +80,6 @@ __all__ = [
     "topk_forward_kl",
     "total_variation",
 ]
-
-#: Names accepted by ``LossConfig.kind``.
-KINDS: tuple[str, ...] = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "jsd",
-    "tv",
-    "topk_forward_kl",
-    "sampled_ce",
-)
 
 _NEG_INF = float("-inf")
 
@@ -134,45 +124,6 @@ class SparseTargets:
             raise ValueError(
                 f"SparseTargets.counts shape {tuple(self.counts.shape)} != ids shape {tuple(self.ids.shape)}"
             )
-
-
-@dataclass
-class LossConfig:
-    """What to optimise: ``alpha * CE(labels) + (1 - alpha) * KD(kind)``.
-
-    kind: one of :data:`KINDS`.
-    temperature: T > 0 (see the module docstring; for ``sampled_ce`` it should be
-        the sampling temperature the cache was built with, normally 1).
-    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain CE).
-    skew: skew coefficient a in [0, 1) for the skew KLs (DistiLLM uses 0.1).
-    beta: JSD mixing weight in (0, 1), see :func:`generalized_jsd`.
-    top_k: use only the first k' <= k cached entries of topk targets; the dropped
-        entries' mass is folded exactly into the tail bucket (``None`` = all).
-    """
-
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    alpha: float = 0.5
-    skew: float = 0.1
-    beta: float = 0.5
-    top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown loss kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a positive finite number, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.skew < 1.0:
-            raise ValueError(f"skew must be in [0, 1), got {self.skew}")
-        if not 0.0 < self.beta < 1.0:
-            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
-        if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-                raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-            if self.kind == "sampled_ce":
-                raise ValueError("top_k applies to topk targets only; it cannot be used with kind 'sampled_ce'")
 
 
 # --------------------------------------------------------------------------------------
@@ -631,13 +582,19 @@ def hard_ce(
     return _reduce(ce, w, reduction)
 
 
+# One entry per name in LOSS_KINDS: the function, and the LossConfig fields it takes besides the temperature.
 _KD_FUNCS = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "tv": total_variation,
-    "topk_forward_kl": topk_forward_kl,
-    "sampled_ce": sampled_cross_entropy,
+    "forward_kl": (forward_kl, ()),
+    "reverse_kl": (reverse_kl, ()),
+    "skew_forward_kl": (skew_forward_kl, ("skew",)),
+    "skew_reverse_kl": (skew_reverse_kl, ("skew",)),
+    "jsd": (generalized_jsd, ("beta",)),
+    "tv": (total_variation, ()),
+    "topk_forward_kl": (topk_forward_kl, ()),
+    "sampled_ce": (sampled_cross_entropy, ()),
 }
+if tuple(_KD_FUNCS) != LOSS_KINDS:
+    raise ImportError(f"losses.py implements {tuple(_KD_FUNCS)} but config.LOSS_KINDS names {LOSS_KINDS}")
 
 
 def kd_loss(
@@ -654,14 +611,10 @@ def kd_loss(
             raise ValueError("kind 'sampled_ce' needs sample targets (with counts); these are topk targets")
     elif config.top_k is not None:
         targets = top_k_truncate(targets, config.top_k)
-    kw = dict(temperature=config.temperature, weights=weights, reduction=reduction)
-    if config.kind == "skew_forward_kl":
-        return skew_forward_kl(student_logits, targets, skew=config.skew, **kw)
-    if config.kind == "skew_reverse_kl":
-        return skew_reverse_kl(student_logits, targets, skew=config.skew, **kw)
-    if config.kind == "jsd":
-        return generalized_jsd(student_logits, targets, beta=config.beta, **kw)
-    return _KD_FUNCS[config.kind](student_logits, targets, **kw)
+    func, fields = _KD_FUNCS[config.kind]
+    settings = {name: getattr(config, name) for name in fields}
+    return func(student_logits, targets, temperature=config.temperature, weights=weights, reduction=reduction,
+                **settings)
 
 
 def distillation_loss(

@@ -62,11 +62,6 @@ class TrainResult:
     is_main: bool = True  # False on DDP ranks other than 0 (which print and write nothing)
 
 
-def loss_config(config: TrainConfig) -> LossConfig:
-    s = config.loss
-    return LossConfig(kind=s.kind, temperature=s.temperature, alpha=s.alpha, skew=s.skew, beta=s.beta, top_k=s.top_k)
-
-
 def lr_lambda(config: TrainConfig):
     """Linear warmup, then cosine decay to 10% of the peak over the remaining steps."""
     def factor(step: int) -> float:
@@ -88,8 +83,7 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
     model.eval()
     kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
-    kd_only = LossConfig(kind=losses.kind, temperature=losses.temperature, alpha=0.0, skew=losses.skew,
-                         beta=losses.beta, top_k=losses.top_k)
+    kd_only = dataclasses.replace(losses, alpha=0.0)
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
     fkl_sum = 0.0
     for batch in dataset:
@@ -306,7 +300,7 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
-    losses = loss_config(config)
+    losses = config.loss
     state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist, precision.device)
     if state is None:
         state = {"step": 0, "best": None, "evals_since_best": 0, "evals": []}

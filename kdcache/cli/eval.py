@@ -1,55 +1,58 @@
-"""Click commands `kdcache eval` and `kdcache compare` (registered on the main group in kdcache/cli.py)."""
+"""`kdcache eval` (one model on a labelled dataset) and `kdcache compare` (two eval runs, criteria, cascade)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
 
+from kdcache.cli.options import config_file_option, config_option, options_to_overrides, set_option
+from kdcache.config import EvalConfig
 from kdcache.errors import friendly_errors
 
-
+_option = functools.partial(config_option, EvalConfig)
 
 
 @click.command("eval")
-@click.option("--model", required=True, help="A model folder, a LoRA adapter folder (base + adapter are loaded), "
-                                             "or a hub id whose weights are already local.")
-@click.option("--data", "data", required=True, multiple=True,
-              help="JSONL / CSV / Parquet file or `datasets` folder (repeatable).")
-@click.option("--labels", "labels", multiple=True, metavar="LABEL",
-              help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
-@click.option("--label-field", required=True, help="Field holding the gold label (or the reference answer).")
-@click.option("--prompt", required=True, help="Prompt template over the row's fields, e.g. "
-                                              "'Title: {title}\\nArticle: {text}\\nWhich GS paper?'.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for metrics.json, "
-                                                                            "predictions.parquet and report.md.")
-@click.option("--negative-label", help="The label meaning 'not relevant' (e.g. none): adds relevance metrics.")
-@click.option("--limit", type=int, help="Evaluate the first N examples only.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Examples per forward pass (each is scored with every label).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--mode", type=click.Choice(["score", "generate"]), default="score", show_default=True,
-              help="Label scoring, or greedy generation parsed to a label (with text metrics vs the gold field).")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Generation length (generate mode).")
-@click.option("--label-prefix", default=" ", show_default=True,
-              help="Text between prompt and label, as in the training target (' {gs_paper}' -> ' ').")
-@click.option("--label-eos/--no-label-eos", default=False, show_default=True,
-              help="Score each label followed by the EOS token (the label and nothing after it).")
-@click.option("--system", help="System message (with chat templates).")
-@click.option("--chat", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--id-field", help="Field with a unique example id [id when present, else the row number].")
-@click.option("--tokenizer", help="Tokenizer, when not the model's own.")
-@click.option("--base", help="Base model of an adapter, when not the one its adapter_config.json names.")
-@click.option("--max-length", type=int, default=1024, show_default=True,
-              help="Prompt + label tokens; prompts are cut from the left to fit.")
-@click.option("--bins", "n_bins", type=int, default=10, show_default=True, help="Calibration bins (equal width).")
-@click.option("--no-warmup", is_flag=True, help="Do not run one untimed warm-up batch first.")
-@click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@config_file_option
+@_option("model", "--model", needed=True,
+         help="A model folder, a LoRA adapter folder (base + adapter are loaded), or a hub id whose weights are "
+              "already local.")
+@_option("data", "--data", needed=True, help="JSONL / CSV / Parquet file or `datasets` folder (repeatable).")
+@_option("labels", "--labels", metavar="LABEL",
+         help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
+@_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
+@_option("prompt", "--prompt", help="Prompt template over the row's fields, e.g. "
+                                    "'Title: {title}\\nArticle: {text}\\nWhich GS paper?'.")
+@_option("out", "--out", needed=True, type=click.Path(file_okay=False),
+         help="Folder for metrics.json, predictions.parquet and report.md.")
+@_option("negative_label", "--negative-label", help="The label meaning 'not relevant' (e.g. none): adds relevance "
+                                                    "metrics.")
+@_option("limit", "--limit", help="Evaluate the first N examples only.")
+@_option("batch_size", "--batch-size", help="Examples per forward pass (each is scored with every label).")
+@_option("device", "--device", help="cpu, cuda, cuda:1 or auto.")
+@_option("dtype", "--dtype", help="Model dtype.")
+@_option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics vs the "
+                                "gold field).")
+@_option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
+@_option("label_prefix", "--label-prefix",
+         help="Text between prompt and label, as in the training target (' {gs_paper}' -> ' ').")
+@_option("label_eos", "--label-eos/--no-label-eos",
+         help="Score each label followed by the EOS token (the label and nothing after it).")
+@_option("system", "--system", help="System message (with chat templates).")
+@_option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
+@_option("id_field", "--id-field", help="Field with a unique example id [id when present, else the row number].")
+@_option("tokenizer", "--tokenizer", help="Tokenizer, when not the model's own.")
+@_option("base", "--base", help="Base model of an adapter, when not the one its adapter_config.json names.")
+@_option("max_length", "--max-length", help="Prompt + label tokens; prompts are cut from the left to fit.")
+@_option("n_bins", "--bins", help="Calibration bins (equal width).")
+@_option("warmup", "--no-warmup", sets=False, help="Do not run one untimed warm-up batch first.")
+@_option("plots", "--no-plots", sets=False, help="Do not write PNG plots.")
+@_option("progress", "--no-progress", sets=False, help="No progress bar.")
+@set_option("bleu_smoothing=none")
 @friendly_errors
-def eval_command(data, labels, no_warmup, no_plots, no_progress, **options) -> None:
+def eval_command(config_path, overrides, **options) -> None:
     """Evaluate one model on a labelled dataset: metrics.json, predictions.parquet, report.md (+ plots).
 
     \b
@@ -59,10 +62,10 @@ def eval_command(data, labels, no_warmup, no_plots, no_progress, **options) -> N
         --labels GS1 --labels GS2 --labels GS3 --labels GS4 --labels none --negative-label none \\
         --label-field gs_paper --prompt 'Title: {title}\\nArticle: {text}\\nWhich GS paper?' --out runs/eval-student
     """
-    from kdcache.eval.runner import EvalConfig, run_eval
+    from kdcache.config import load_config
+    from kdcache.eval.runner import run_eval
 
-    config = EvalConfig(data=list(data), labels=list(labels), warmup=not no_warmup, plots=not no_plots,
-                        progress=not no_progress, **options)
+    config = load_config(EvalConfig, config_path, [*options_to_overrides(options), *overrides])
     result = run_eval(config)
     metrics = result.metrics
     parts = [f"{metrics['n']} examples"]

@@ -1,0 +1,93 @@
+"""`kdcache train`, `kdcache ablate` and `kdcache export`: students from a cache, grids of them, merged adapters."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from kdcache.cli.options import config_file_option, config_option, options_to_overrides, set_option
+from kdcache.config import TrainConfig
+from kdcache.errors import friendly_errors
+
+_option = functools.partial(config_option, TrainConfig)
+
+
+@click.command("train")
+@config_file_option
+@_option("cache", "--cache", needed=True, help="Cache folder or fsspec URL written by `kdcache cache build`.")
+@_option("student", "--student", needed=True,
+         help="Student model: a local folder or a hub id with weights available locally.")
+@_option("out", "--out", needed=True,
+         help="Run folder: checkpoints, metrics.jsonl, best/ and final/ (resumed when it exists).")
+@_option("loss.kind", "--loss", help="Distillation loss (docs/losses.md).")
+@_option("loss.temperature", "--temperature", help="Distillation temperature T.")
+@_option("loss.alpha", "--alpha", help="Weight of cross-entropy on the target tokens; 1 - alpha goes to KD.")
+@_option("loss.top_k", "--top-k", help="Use only the first k' <= k cached entries.")
+@_option("lora.r", "--lora-r", help="LoRA rank; --set lora.enabled=false for full fine-tuning.")
+@_option("profile", "--profile", help="Precision profile.")
+@_option("batch_size", "--batch-size", help="Examples per micro-batch.")
+@_option("max_steps", "--max-steps", help="Optimizer steps.")
+@_option("lr", "--lr", help="Peak learning rate.")
+@_option("progress", "--no-progress", sets=False, help="No progress bar.")
+@set_option("grad_accum=4")
+@friendly_errors
+def train_command(config_path, overrides, **options) -> None:
+    """Distill a student from a cache alone: the teacher is never loaded.
+
+    \b
+    Re-running the same command resumes from the last checkpoint (model, optimizer, scaler, scheduler, RNG and
+    loader position). The held-out split of the cache is evaluated every eval_every steps. Several GPUs (DDP):
+    torchrun --nproc_per_node N -m kdcache.cli train ... (the same options).
+    """
+    from kdcache.config import load_config
+    from kdcache.train.trainer import train
+
+    config = load_config(TrainConfig, config_path, [*options_to_overrides(options), *overrides])
+    result = train(config)
+    if not result.is_main:  # under torchrun, rank 0 reports for the job
+        return
+    click.echo(f"trained to step {result.step} in {result.out}" + (" (stopped early)" if result.stopped_early else ""))
+    if result.evals:
+        last = result.evals[-1]
+        click.echo(f"held-out KD loss {last['heldout_kd']:.4f}, top-1 agreement with the teacher "
+                   f"{last['heldout_top1_agreement']:.3f} at step {last['step']}")
+
+
+@click.command("ablate")
+@click.option("--cache", "cache_path", required=True, help="The cache every run trains from.")
+@click.option("--grid", "grid_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="YAML with `base:` settings and a `grid:` of config keys to lists of values (jobs/ablation-*.yaml).")
+@click.option("--out", required=True, help="Folder for the runs and the table (ablation.csv, ablation.md).")
+@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True)
+@click.option("--trials", type=int, default=10, show_default=True, help="Trials for --search optuna.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every run.")
+@friendly_errors
+def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> None:
+    """Train one student per grid point (or per Optuna trial) from the same cache; write one table of metrics.
+
+    \b
+    Grid keys may be any config key: loss.kind, loss.temperature, loss.alpha, loss.top_k (k' <= the cache's k),
+    loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    """
+    from kdcache.train.ablate import run_grid, run_optuna
+
+    rows = (run_grid(cache_path, grid_path, out, overrides) if search == "grid"
+            else run_optuna(cache_path, grid_path, out, trials, overrides))
+    click.echo(f"{len(rows)} runs; table in {out}/ablation.md and {out}/ablation.csv")
+    click.echo((Path(out) / "ablation.md").read_text())
+
+
+@click.command("export")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A LoRA adapter folder (a run's final/ or best/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
+@click.option("--base", help="Base model, when not the one named in the adapter's config.")
+@friendly_errors
+def export_command(adapter, out, base) -> None:
+    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment."""
+    from kdcache.train.export import merge_adapter
+
+    merge_adapter(adapter, out, base)
+    click.echo(f"merged {adapter} into {out}")
