@@ -296,20 +296,20 @@ PHASES = [label for label, _, _ in PHASE_SPECS]
 SPARSE_ARRAYS = ("sparse_ids", "sparse_logprobs", "tail_logmass", "sample_counts")
 
 
-def cache_bytes(manifest: dict) -> dict:
-    """Shard bytes from the commit records: in all, and by part (a zarr array, or the records Parquet file)."""
+def cache_bytes(manifest) -> dict:
+    """Shard bytes from a Manifest's commit records: in all, and by part (a zarr array, or the records Parquet file)."""
     parts: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        for name, info in shard["files"].items():
+    for shard in manifest.shards:
+        for name, info in shard.files.items():
             pieces = name.split("/")
             part = pieces[1] if pieces[0] == "tokens.zarr" and len(pieces) > 2 else pieces[0]
-            parts[part] = parts.get(part, 0) + info["bytes"]
-    targets = manifest["counts"]["num_targets"]
+            parts[part] = parts.get(part, 0) + info.bytes
+    targets = manifest.counts.num_targets
     total = sum(parts.values())
     sparse = sum(v for key, v in parts.items() if key in SPARSE_ARRAYS)
     return {
         "num_targets": targets,
-        "num_examples": manifest["counts"]["num_examples"],
+        "num_examples": manifest.counts.num_examples,
         "total_bytes": total,
         "bytes_per_target": total / targets,
         "sparse_bytes_per_target": sparse / targets,

@@ -87,9 +87,9 @@ def test_each_kind_of_bad_row_is_reported_with_file_row_and_field(tmp_path, teac
     assert "row 4, field 'gs_paper': target is empty" in reasons[2]
     assert "row 5, field 'target': target cut off by max_length" in reasons[3]
     reader = CacheReader(str(tmp_path / "cache"))
-    assert reader.manifest["counts"]["num_examples"] == 2
-    assert reader.manifest["counts"]["skipped_rows"] == 3  # rows that parsed but could not become examples
-    assert reader.manifest["dataset"]["unparsed_rows"] == 1
+    assert reader.manifest.counts.num_examples == 2
+    assert reader.manifest.counts.skipped_rows == 3  # rows that parsed but could not become examples
+    assert reader.manifest.dataset.unparsed_rows == 1
     assert [e.record["source_row"] for e in reader.iter_examples()] == [1, 6]
 
 

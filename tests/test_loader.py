@@ -38,7 +38,7 @@ def flat(batches: list[CacheBatch]) -> list[int]:
 
 def test_batches_carry_the_cached_targets(cache, examples):
     dataset = CacheDataset(cache, batch_size=3, split="all", seed=1)
-    pad = dataset.manifest["tokenizer"]["eos_token_id"]
+    pad = dataset.manifest.tokenizer.eos_token_id
     batches = list(dataset)
     assert sorted(flat(batches)) == sorted(examples)
     for batch in batches:

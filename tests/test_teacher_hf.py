@@ -57,7 +57,7 @@ def test_cached_topk_equals_plain_forward(tmp_path, tokenizer, teacher_dir, data
                                  example.tail_logmass)
             np.testing.assert_allclose(total, 0.0, atol=1e-5)
         checked += len(positions)
-    assert checked == reader.manifest["counts"]["num_targets"]
+    assert checked == reader.manifest.counts.num_targets
 
 
 def test_padded_embedding_teacher_is_accepted_and_padding_columns_dropped(tmp_path, tokenizer, data_file):
@@ -66,7 +66,7 @@ def test_padded_embedding_teacher_is_accepted_and_padding_columns_dropped(tmp_pa
     folder = save_model(model, tokenizer, tmp_path / "padded")
     build_cache(make_config(tmp_path / "cache", folder, data_file, "sparsifier.k=8", "data.limit=6"))
     reader = CacheReader(str(tmp_path / "cache"), tokenizer=tokenizer)
-    assert reader.manifest["tokenizer"]["vocab_size"] == len(tokenizer)
+    assert reader.manifest.tokenizer.vocab_size == len(tokenizer)
     for example in reader.iter_examples():
         assert example.sparse_ids.max() < len(tokenizer)
         logprobs = dense_logprobs(model, example.input_ids)[:, : len(tokenizer)]

@@ -75,8 +75,8 @@ def cache_build(config_path, overrides, **options) -> None:
         f"(worker {config.worker_index} of {config.num_workers}) to {config.output}"
     )
     if result.finalized:
-        counts = result.manifest["counts"]
-        click.echo(f"cache complete: {counts['num_examples']} examples, {counts['num_targets']} target tokens")
+        counts = result.manifest.counts
+        click.echo(f"cache complete: {counts.num_examples} examples, {counts.num_targets} target tokens")
     else:
         click.echo("other workers' shards are still missing; the last worker to finish writes the manifest")
 
@@ -92,21 +92,21 @@ def cache_info(path, as_json) -> None:
 
     reader = CacheReader(path)
     stats = cache_stats(reader)
-    manifest = {key: value for key, value in reader.manifest.items() if key != "shards"}
+    manifest = reader.manifest
     if as_json:
-        click.echo(json.dumps({"manifest": manifest, "stats": stats}, indent=2, sort_keys=True))
+        summary = {key: value for key, value in manifest.to_dict().items() if key != "shards"}
+        click.echo(json.dumps({"manifest": summary, "stats": stats}, indent=2, sort_keys=True))
         return
-    sparsifier = manifest["sparsifier"]
+    teacher, tokenizer, dataset = manifest.teacher, manifest.tokenizer, manifest.dataset
+    sparsifier = manifest.sparsifier
     lines = [
         f"cache           {path}",
-        f"format          {manifest['format']} v{manifest['format_version']}",
-        f"teacher         {manifest['teacher']['model']} ({manifest['teacher']['backend']}, {manifest['teacher']['dtype']})",
-        f"tokenizer       {manifest['tokenizer']['name']} ({manifest['tokenizer']['vocab_size']} tokens, "
-        f"{manifest['tokenizer']['fingerprint'][:19]}...)",
-        f"dataset         {', '.join(manifest['dataset']['sources'])} ({manifest['dataset']['num_rows']} rows, "
-        f"{manifest['dataset']['fingerprint'][:19]}...)",
-        f"template        distill={manifest['template']['distill']} chat={manifest['template']['chat_template_used']}",
-        f"sparsifier      {sparsifier['kind']} k={sparsifier['k']} logprobs={sparsifier['logprob_dtype']}",
+        f"format          {manifest.format} v{manifest.format_version}",
+        f"teacher         {teacher.model} ({teacher.backend}, {teacher.dtype})",
+        f"tokenizer       {tokenizer.name} ({tokenizer.vocab_size} tokens, {tokenizer.fingerprint[:19]}...)",
+        f"dataset         {', '.join(dataset.sources)} ({dataset.num_rows} rows, {dataset.fingerprint[:19]}...)",
+        f"template        distill={manifest.template.distill} chat={manifest.template.chat_template_used}",
+        f"sparsifier      {sparsifier.kind} k={sparsifier.k} logprobs={sparsifier.logprob_dtype}",
         f"shards          {stats['shards']}",
         f"examples        {stats['examples']} (skipped rows: {stats['skipped_rows']})",
         f"tokens          {stats['tokens']}",
@@ -114,9 +114,9 @@ def cache_info(path, as_json) -> None:
         f"size            {stats['bytes']:,} bytes, {stats['bytes_per_target_token']:.1f} bytes per target token",
     ]
     if stats["mean_sparse_mass"] is not None:
-        label = "mean top-k mass" if sparsifier["kind"] == "topk" else "mean sampled mass"
+        label = "mean top-k mass" if sparsifier.kind == "topk" else "mean sampled mass"
         lines.append(f"{label:<16}{stats['mean_sparse_mass']:.4f}")
-        entropy_kind = "of the k+1 buckets, a lower bound" if sparsifier["kind"] == "topk" else "Monte-Carlo estimate"
+        entropy_kind = "of the k+1 buckets, a lower bound" if sparsifier.kind == "topk" else "Monte-Carlo estimate"
         lines.append(f"teacher entropy {stats['mean_teacher_entropy']:.4f} nats per target token ({entropy_kind})")
     click.echo("\n".join(lines))
 
@@ -133,7 +133,7 @@ def cache_verify(path) -> None:
     from kdcache.store.verify import verify_cache
 
     try:
-        total = read_manifest(CacheLocation(path))["num_shards"]
+        total = read_manifest(CacheLocation(path)).num_shards
     except KdcacheError:
         total = None
     with tqdm(total=total, unit="shard", desc="verify", disable=total is None) as bar:
@@ -154,7 +154,7 @@ def cache_finalize(path) -> None:
     from kdcache.store.manifest import finalize
 
     manifest = finalize(CacheLocation(path))
-    click.echo(f"finalized {path}: {manifest['num_shards']} shards, {manifest['counts']['num_examples']} examples")
+    click.echo(f"finalized {path}: {manifest.num_shards} shards, {manifest.counts.num_examples} examples")
 
 
 

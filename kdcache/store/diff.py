@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kdcache.store.manifest import Manifest
 from kdcache.store.reader import CacheReader, CachedExample
+from kdcache.store.schema import dump_value
 
 _SETTINGS = ("teacher", "tokenizer", "dataset", "template", "sparsifier", "generate", "max_length")
 
@@ -116,9 +118,9 @@ def _flatten(prefix: str, value) -> dict:
     return {prefix: value}
 
 
-def _setting_differences(ma: dict, mb: dict) -> list[str]:
-    fa = _flatten("", {key: ma.get(key) for key in _SETTINGS})
-    fb = _flatten("", {key: mb.get(key) for key in _SETTINGS})
+def _setting_differences(ma: Manifest, mb: Manifest) -> list[str]:
+    fa = _flatten("", {key: dump_value(getattr(ma, key)) for key in _SETTINGS})
+    fb = _flatten("", {key: dump_value(getattr(mb, key)) for key in _SETTINGS})
     keys = sorted(set(fa) | set(fb))
     return [f"{key}: {fa.get(key)!r} -> {fb.get(key)!r}" for key in keys if fa.get(key) != fb.get(key)]
 
@@ -128,7 +130,7 @@ class _ShardIndex:
 
     def __init__(self, reader: CacheReader):
         self.reader = reader
-        self.starts = [entry["rows"][0] for entry in reader.manifest["shards"]]
+        self.starts = [entry.rows[0] for entry in reader.manifest.shards]
         self.current: int | None = None
         self.examples: dict[tuple[int, int], CachedExample] = {}
 
@@ -172,15 +174,15 @@ def diff_caches(a: str, b: str, max_examples: int = 10) -> DiffReport:
     ra, rb = CacheReader(a), CacheReader(b)
     ma, mb = ra.manifest, rb.manifest
     report = DiffReport(a=a, b=b, settings=_setting_differences(ma, mb))
-    report.examples_a, report.examples_b = ma["counts"]["num_examples"], mb["counts"]["num_examples"]
-    if ma["tokenizer"]["fingerprint"] != mb["tokenizer"]["fingerprint"]:
+    report.examples_a, report.examples_b = ma.counts.num_examples, mb.counts.num_examples
+    if ma.tokenizer.fingerprint != mb.tokenizer.fingerprint:
         report.comparable = False
         report.identical = False
         return report
-    kind_a, kind_b = ma["sparsifier"]["kind"], mb["sparsifier"]["kind"]
+    kind_a, kind_b = ma.sparsifier.kind, mb.sparsifier.kind
     report.kind = kind_a if kind_a == kind_b else f"{kind_a}/{kind_b}"
     kind = kind_a if kind_a == kind_b else "sample"  # mixed: no tails compared
-    k = min(ma["sparsifier"]["k"], mb["sparsifier"]["k"])
+    k = min(ma.sparsifier.k, mb.sparsifier.k)
     report.k = k
     if report.settings:
         report.identical = False

@@ -10,7 +10,8 @@ import numpy as np
 from kdcache.errors import CacheFormatError, IncompatibleCacheError
 from kdcache.store.fingerprint import tokenizer_fingerprint
 from kdcache.store.location import CacheLocation
-from kdcache.store.manifest import read_manifest
+from kdcache.store.manifest import Manifest, read_manifest
+from kdcache.store.plan import SparsifierInfo, TokenizerInfo
 from kdcache.store.shard import ShardData, read_shard_files
 
 
@@ -33,14 +34,14 @@ class CachedExample:
         return self.index, int(self.record.get("sample_index") or 0)
 
 
-def check_tokenizer(manifest: dict, tokenizer, where: str) -> None:
+def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
     """Refuse a tokenizer other than the cache's; a different embedding size with the same tokenizer is fine."""
-    expected = manifest["tokenizer"]["fingerprint"]
+    expected = cached.fingerprint
     actual = tokenizer_fingerprint(tokenizer)
     if actual != expected:
         raise IncompatibleCacheError(
-            f"the cache {where} was built with tokenizer '{manifest['tokenizer'].get('name')}' "
-            f"({manifest['tokenizer'].get('vocab_size')} tokens, fingerprint {expected[:19]}...), but this "
+            f"the cache {where} was built with tokenizer '{cached.name}' "
+            f"({cached.vocab_size} tokens, fingerprint {expected[:19]}...), but this "
             f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has {len(tokenizer)} tokens and fingerprint "
             f"{actual[:19]}...; token ids would mean different tokens. Use a student with the teacher's tokenizer, "
             "or build a cache with a teacher that shares the student's tokenizer"
@@ -52,21 +53,22 @@ class CacheReader:
 
     def __init__(self, url: str, tokenizer=None, storage_options: dict | None = None):
         self.location = CacheLocation(url, storage_options)
-        self.manifest = read_manifest(self.location)
+        self.manifest: Manifest = read_manifest(self.location)
         if tokenizer is not None:
-            check_tokenizer(self.manifest, tokenizer, url)
+            check_tokenizer(self.manifest.tokenizer, tokenizer, url)
 
     @property
     def num_shards(self) -> int:
-        return self.manifest["num_shards"]
+        return self.manifest.num_shards
 
     @property
-    def sparsifier(self) -> dict:
-        return self.manifest["sparsifier"]
+    def sparsifier(self) -> SparsifierInfo:
+        return self.manifest.sparsifier
 
     def read_shard(self, index: int) -> ShardData:
         """Load shard `index`; a missing or unreadable shard is reported by name."""
-        name = self.manifest["shards"][index]["name"]
+        expected = self.manifest.shards[index]
+        name = expected.name
         url = self.location.child_url("shards", name)
         try:
             data = read_shard_files(url, self.location.storage_options)
@@ -75,11 +77,10 @@ class CacheReader:
                 f"shard {name} of {self.location.url} cannot be read ({type(exc).__name__}: {exc}); "
                 f"run `kdcache cache verify {self.location.url}` and rebuild the damaged shard"
             ) from None
-        expected = self.manifest["shards"][index]
-        if data.num_examples != expected["num_examples"] or data.num_targets != expected["num_targets"]:
+        if data.num_examples != expected.num_examples or data.num_targets != expected.num_targets:
             raise CacheFormatError(
                 f"shard {name} of {self.location.url} holds {data.num_examples} examples and {data.num_targets} "
-                f"targets but the manifest says {expected['num_examples']} and {expected['num_targets']}; "
+                f"targets but the manifest says {expected.num_examples} and {expected.num_targets}; "
                 f"run `kdcache cache verify {self.location.url}`"
             )
         return data

@@ -10,7 +10,7 @@ import numpy as np
 from kdcache.errors import CacheFormatError
 from kdcache.store.fingerprint import file_sha256
 from kdcache.store.location import CacheLocation
-from kdcache.store.manifest import read_manifest
+from kdcache.store.manifest import COUNT_FIELDS, CommitRecord, Manifest, read_manifest
 from kdcache.store.shard import read_shard_files
 
 
@@ -25,33 +25,33 @@ class VerifyReport:
         return self.problems[0] if self.problems else None
 
 
-def _check_files(location: CacheLocation, entry: dict) -> str | None:
-    base = location.path("shards", entry["name"])
-    for rel, expected in entry["files"].items():
+def _check_files(location: CacheLocation, entry: CommitRecord) -> str | None:
+    base = location.path("shards", entry.name)
+    for rel, expected in entry.files.items():
         path = f"{base}/{rel}"
         if not location.exists(path):
             return f"file {rel} is missing"
         with location.fs.open(path, "rb") as handle:
             content = handle.read()
-        if len(content) != expected["bytes"]:
-            return f"file {rel} has {len(content)} bytes, expected {expected['bytes']} (truncated or overwritten)"
-        if file_sha256(content) != expected["sha256"]:
+        if len(content) != expected.bytes:
+            return f"file {rel} has {len(content)} bytes, expected {expected.bytes} (truncated or overwritten)"
+        if file_sha256(content) != expected.sha256:
             return f"file {rel} fails its sha256 checksum (corrupted)"
     return None
 
 
-def _check_arrays(location: CacheLocation, manifest: dict, entry: dict) -> str | None:
+def _check_arrays(location: CacheLocation, manifest: Manifest, entry: CommitRecord) -> str | None:
     """Structural invariants: offsets, masks, counts, id ranges, and probability sums."""
     try:
-        data = read_shard_files(location.child_url("shards", entry["name"]), location.storage_options)
+        data = read_shard_files(location.child_url("shards", entry.name), location.storage_options)
     except Exception as exc:  # any read failure is a damaged shard
         return f"cannot be read ({type(exc).__name__}: {exc})"
-    k = manifest["sparsifier"]["k"]
-    vocab = manifest["tokenizer"]["vocab_size"]
+    k = manifest.sparsifier.k
+    vocab = manifest.tokenizer.vocab_size
     checks: list[tuple[bool, str]] = [
-        (data.num_examples == entry["num_examples"], f"holds {data.num_examples} examples, commit says {entry['num_examples']}"),
-        (data.num_tokens == entry["num_tokens"], f"holds {data.num_tokens} tokens, commit says {entry['num_tokens']}"),
-        (data.num_targets == entry["num_targets"], f"holds {data.num_targets} targets, commit says {entry['num_targets']}"),
+        (data.num_examples == entry.num_examples, f"holds {data.num_examples} examples, commit says {entry.num_examples}"),
+        (data.num_tokens == entry.num_tokens, f"holds {data.num_tokens} tokens, commit says {entry.num_tokens}"),
+        (data.num_targets == entry.num_targets, f"holds {data.num_targets} targets, commit says {entry.num_targets}"),
         (data.records.num_rows == data.num_examples, "records.parquet row count differs from the example count"),
         (data.offsets[0] == 0 and data.offsets[-1] == data.num_tokens and np.all(np.diff(data.offsets) > 0),
          "token offsets are not increasing from 0 to the token count"),
@@ -73,7 +73,7 @@ def _check_arrays(location: CacheLocation, manifest: dict, entry: dict) -> str |
     if data.num_targets == 0:
         return None
     logprobs = data.sparse_logprobs.astype(np.float64)
-    if manifest["sparsifier"]["kind"] == "topk":
+    if manifest.sparsifier.kind == "topk":
         ids = data.sparse_ids
         if ids.min() < 0 or ids.max() >= vocab:
             return f"top-k ids outside [0, {vocab})"
@@ -101,22 +101,22 @@ def verify_cache(url: str, storage_options: dict | None = None,
     except CacheFormatError as exc:
         return VerifyReport(ok=False, problems=[str(exc)])
     report = VerifyReport(ok=True)
-    shards = manifest.get("shards", [])
-    if len(shards) != manifest["num_shards"]:
+    shards = manifest.shards
+    if len(shards) != manifest.num_shards:
         return VerifyReport(ok=False, problems=[
-            f"manifest lists {len(shards)} shards but num_shards is {manifest['num_shards']}"])
-    for key in ("num_examples", "num_tokens", "num_targets", "skipped_rows"):
-        total = sum(entry[key] for entry in shards)
-        if manifest["counts"][key] != total:
+            f"manifest lists {len(shards)} shards but num_shards is {manifest.num_shards}"])
+    for key in COUNT_FIELDS:
+        total = sum(getattr(entry, key) for entry in shards)
+        if getattr(manifest.counts, key) != total:
             return VerifyReport(ok=False, problems=[
-                f"manifest counts.{key} is {manifest['counts'][key]} but its shards add up to {total}"])
+                f"manifest counts.{key} is {getattr(manifest.counts, key)} but its shards add up to {total}"])
     for position, entry in enumerate(shards):
-        if entry.get("shard") != position:
-            return VerifyReport(ok=False, problems=[f"manifest shard entry {position} is for shard {entry.get('shard')}"])
+        if entry.shard != position:
+            return VerifyReport(ok=False, problems=[f"manifest shard entry {position} is for shard {entry.shard}"])
         commit_path = location.commit_path(position)
         if not location.exists(commit_path):
             problem = "is missing (no commit record)"
-        elif location.read_json(commit_path) != entry:
+        elif location.read_json(commit_path) != entry.to_dict():
             problem = "commit record differs from the manifest entry"
         else:
             problem = _check_files(location, entry) or _check_arrays(location, manifest, entry)
@@ -125,6 +125,6 @@ def verify_cache(url: str, storage_options: dict | None = None,
             on_shard(position)
         if problem:
             report.ok = False
-            report.problems.append(f"shard {entry['name']}: {problem}")
+            report.problems.append(f"shard {entry.name}: {problem}")
             return report
     return report

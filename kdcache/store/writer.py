@@ -13,6 +13,7 @@ import uuid
 
 from kdcache.store.fingerprint import file_sha256
 from kdcache.store.location import SHARDS_DIR, CacheLocation, shard_name
+from kdcache.store.manifest import CommitRecord
 from kdcache.store.shard import ShardData, write_shard_files
 
 
@@ -42,8 +43,9 @@ def clear_uncommitted(location: CacheLocation, index: int) -> None:
                 shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
 
 
-def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dict) -> dict:
-    """Write shard `index` atomically and return its commit record (counts, `info`, and every file's sha256)."""
+def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dict) -> CommitRecord:
+    """Write shard `index` atomically and return its commit record: the counts, `info` (the build's part:
+    `{"rows": [start, stop], "skipped_rows": n}`), and every file's sha256."""
     clear_uncommitted(location, index)
     final = location.shard_path(index)
     if location.is_local:
@@ -62,7 +64,7 @@ def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dic
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-    record = {
+    record = CommitRecord.from_dict({
         "shard": index,
         "name": shard_name(index),
         "num_examples": data.num_examples,
@@ -70,6 +72,6 @@ def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dic
         "num_targets": data.num_targets,
         **info,
         "files": files,
-    }
-    location.write_json(location.commit_path(index), record)
+    })
+    location.write_json(location.commit_path(index), record.to_dict())
     return record

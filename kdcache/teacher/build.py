@@ -15,15 +15,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kdcache.config import CacheBuildConfig, to_dict
-from kdcache.data.encode import Encoded, encode, encode_prompt, uses_chat_template
+from kdcache.config import CacheBuildConfig
+from kdcache.data.encode import Encoded, encode, encode_prompt
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
-from kdcache.store import FORMAT_VERSION
-from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
 from kdcache.store.location import CacheLocation
-from kdcache.store.manifest import committed_shards, finalize, write_or_check_plan
+from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
+from kdcache.store.plan import make_plan
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
 from kdcache.teacher.generate import check_generate_config, generate_answers, stop_token_ids
@@ -53,7 +52,7 @@ class BuildResult:
     shards_skipped: list[int] = field(default_factory=list)
     bad_rows: list[BadRow] = field(default_factory=list)
     finalized: bool = False
-    manifest: dict | None = None
+    manifest: Manifest | None = None
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -63,67 +62,6 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
-
-
-def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,
-              stop_ids: list[int] | None = None) -> dict:
-    """Everything that shapes the cache's content (and so must agree between workers and across resumes)."""
-    if config.sparsifier.k < 1:
-        raise BadInputError("sparsifier.k must be at least 1")
-    if config.sparsifier.k > len(tokenizer):
-        raise BadInputError(f"sparsifier.k = {config.sparsifier.k} is more than the vocabulary ({len(tokenizer)})")
-    num_shards = max(1, -(-len(rows) // config.shard_size))
-    sparsifier = to_dict(config.sparsifier)
-    if sparsifier["kind"] == "topk":
-        sparsifier.pop("temperature")
-        sparsifier.pop("seed")
-    plan = {
-        "format": "kdcache",
-        "format_version": FORMAT_VERSION,
-        "teacher": {
-            "model": config.teacher.model,
-            "revision": config.teacher.revision,
-            "dtype": config.teacher.dtype,
-            "backend": config.teacher.backend,
-            **engine_settings_that_shape_content(config),
-        },
-        "tokenizer": {
-            "name": config.tokenizer or config.teacher.model,
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        "dataset": {
-            "fingerprint": rows_fingerprint(row.fields for row in rows),
-            "sources": list(config.data.paths),
-            "num_rows": len(rows),
-            "unparsed_rows": unparsed_rows,
-            "id_field": config.data.id_field,
-            "label_fields": list(config.data.label_fields),
-        },
-        "template": {**to_dict(config.template), "chat_template_used": uses_chat_template(config.template, tokenizer)},
-        "sparsifier": sparsifier,
-        "max_length": config.max_length,
-        "shard_size": config.shard_size,
-        "num_shards": num_shards,
-    }
-    if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
-        plan["generate"] = {**to_dict(config.generate), "stop_token_ids": list(stop_ids or [])}
-    return plan
-
-
-# vLLM engine settings that change the teacher's numbers (the rest, such as parallelism or memory, do not).
-_CONTENT_SHAPING_VLLM_KEYS = ("scoring", "quantization", "hf_overrides", "kv_cache_dtype", "tokenizer_mode")
-
-
-def engine_settings_that_shape_content(config: CacheBuildConfig) -> dict:
-    """The vLLM settings recorded in the plan: workers with different quantization or scoring must not mix."""
-    if config.teacher.backend != "vllm":
-        return {}
-    settings = config.teacher.vllm or {}
-    shaping = {key: settings[key] for key in _CONTENT_SHAPING_VLLM_KEYS if key in settings}
-    shaping.setdefault("scoring", "exact")
-    return {"vllm": shaping}
 
 
 def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: int) -> tuple[list[Prepared], list[BadRow]]:
@@ -332,8 +270,8 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
     location = CacheLocation(config.output)
     write_or_check_plan(location, plan)
     result = BuildResult(output=config.output, bad_rows=list(unparsed))
-    mine = [i for i in range(plan["num_shards"]) if i % config.num_workers == config.worker_index]
-    done = set(committed_shards(location, plan["num_shards"]))
+    mine = [i for i in range(plan.num_shards) if i % config.num_workers == config.worker_index]
+    done = set(committed_shards(location, plan.num_shards))
     pending = [i for i in mine if i not in done]
     result.shards_skipped = [i for i in mine if i in done]
     if pending:
@@ -363,7 +301,7 @@ def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_aft
         finally:
             if progress is not None:
                 progress.close()
-    if len(committed_shards(location, plan["num_shards"])) == plan["num_shards"]:
+    if len(committed_shards(location, plan.num_shards)) == plan.num_shards:
         result.manifest = finalize(location)
         result.finalized = True
     return result

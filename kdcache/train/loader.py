@@ -322,13 +322,13 @@ class CacheDataset(IterableDataset):
         reader = CacheReader(cache, tokenizer=tokenizer, storage_options=storage_options)
         self.manifest = reader.manifest
         self._reader: CacheReader | None = reader
-        sparsifier = self.manifest["sparsifier"]
+        sparsifier = self.manifest.sparsifier
         if k_prime is not None:
-            if sparsifier["kind"] != "topk":
-                raise ValueError(f"k_prime applies to topk caches; this cache is '{sparsifier['kind']}'")
-            if isinstance(k_prime, bool) or not isinstance(k_prime, int) or not 1 <= k_prime <= sparsifier["k"]:
+            if sparsifier.kind != "topk":
+                raise ValueError(f"k_prime applies to topk caches; this cache is '{sparsifier.kind}'")
+            if isinstance(k_prime, bool) or not isinstance(k_prime, int) or not 1 <= k_prime <= sparsifier.k:
                 raise ValueError(
-                    f"k_prime must be an integer in [1, {sparsifier['k']}] (the cache's k), got {k_prime!r}"
+                    f"k_prime must be an integer in [1, {sparsifier.k}] (the cache's k), got {k_prime!r}"
                 )
 
         self.batch_size = batch_size
@@ -342,7 +342,7 @@ class CacheDataset(IterableDataset):
         self.heldout_fraction = float(heldout_fraction)
         self.split_seed = int(split_seed)
         self.k_prime = k_prime
-        eos = self.manifest["tokenizer"].get("eos_token_id")
+        eos = self.manifest.tokenizer.eos_token_id
         self.pad_id = int(pad_id if pad_id is not None else (eos if eos is not None else 0))
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.drop_last = bool(drop_last)
@@ -357,11 +357,11 @@ class CacheDataset(IterableDataset):
     @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (pass it to the student loss to drop embedding padding rows)."""
-        return int(self.manifest["tokenizer"]["vocab_size"])
+        return self.manifest.tokenizer.vocab_size
 
     @property
     def num_shards(self) -> int:
-        return int(self.manifest["num_shards"])
+        return self.manifest.num_shards
 
     @property
     def epoch(self) -> int:
@@ -484,7 +484,7 @@ class CacheDataset(IterableDataset):
             mine, stride = order, self.world_size
         mine = [int(s) for s in mine]
         buffers = [mine[i : i + self.buffer_shards] for i in range(0, len(mine), self.buffer_shards)]
-        sizes = [sum(int(self.manifest["shards"][s]["num_examples"]) for s in buffer) for buffer in buffers]
+        sizes = [sum(self.manifest.shards[s].num_examples for s in buffer) for buffer in buffers]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if buffers else []
         return buffers, offsets, stride
 
@@ -538,7 +538,7 @@ class CacheDataset(IterableDataset):
                 raise ValueError(
                     f"example {examples[i].index} of {self.url} has {int(lengths[i])} tokens (padded to {padded}), "
                     f"more than max_tokens={self.max_tokens}; raise max_tokens to at least the cache's max_length "
-                    f"({self.manifest.get('max_length')})"
+                    f"({self.manifest.max_length})"
                 )
             full = self.batch_size is not None and len(current) >= self.batch_size
             if current and (full or (len(current) + 1) * max(width, padded) > self.max_tokens):

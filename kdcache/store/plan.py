@@ -1,0 +1,193 @@
+"""The build plan (plan.json): everything that shapes a cache's content, as typed records, and how a build makes it.
+
+Workers and resumed runs must follow one plan; the manifest (kdcache.store.manifest) is the plan plus the counts
+and the shards' commit records. Field names and values are the JSON keys of docs/format.md, unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kdcache.config import CacheBuildConfig, to_dict
+from kdcache.data.encode import uses_chat_template
+from kdcache.data.sources import Row
+from kdcache.errors import BadInputError
+from kdcache.store import FORMAT_VERSION
+from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
+from kdcache.store.schema import FieldError, Record, check_at_least, omitted_when_none
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherInfo(Record):
+    """The teacher that scored the cache."""
+
+    model: str
+    revision: str | None
+    dtype: Literal["float32", "float16", "bfloat16"]
+    backend: Literal["hf", "vllm"]
+    vllm: dict | None = omitted_when_none()  # backend=vllm: the engine settings that change the teacher's numbers
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerInfo(Record):
+    """The tokenizer the cache's token ids belong to; readers refuse a tokenizer with another fingerprint."""
+
+    name: str
+    fingerprint: str  # "sha256:..." over the vocabulary and added tokens (kdcache.store.fingerprint)
+    vocab_size: int  # len(tokenizer), not the model's (maybe padded) embedding rows
+    eos_token_id: int | None
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "vocab_size", 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo(Record):
+    """The source rows the cache was built from."""
+
+    fingerprint: str  # "sha256:..." over the rows' field values in order
+    sources: tuple[str, ...]
+    num_rows: int
+    unparsed_rows: int  # rows that could not be parsed at all (skipped with --skip-bad-rows)
+    id_field: str | None
+    label_fields: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "num_rows", 0)
+        check_at_least(self, "unparsed_rows", 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateInfo(Record):
+    """The job's TemplateConfig as it was, plus whether the tokenizer's chat template was applied."""
+
+    prompt: str
+    target: str
+    system: str | None
+    chat: Literal["auto", "yes", "no"]
+    distill: Literal["target", "all"]
+    add_eos: bool
+    chat_template_used: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsifierInfo(Record):
+    """What is kept of each teacher distribution; `temperature` and `seed` exist for `sample` only."""
+
+    kind: Literal["topk", "sample"]
+    k: int  # top-k entries kept, or draws per position
+    logprob_dtype: Literal["float32", "float16"]
+    temperature: float | None = omitted_when_none()
+    seed: int | None = omitted_when_none()
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "k", 1)
+        for name, kind in (("temperature", "a number"), ("seed", "an integer")):
+            value = getattr(self, name)
+            if self.kind == "sample" and value is None:
+                raise FieldError(name, f"{kind} for a sample sparsifier", value)
+            if self.kind == "topk" and value is not None:
+                raise FieldError(name, "absent for a topk sparsifier", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateInfo(Record):
+    """Teacher-generated targets: the job's GenerateConfig as it was, plus the ids that ended an answer."""
+
+    enabled: bool
+    num_samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "num_samples", 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan(Record):
+    """plan.json: what every worker of a build must agree on. Shard i holds source rows [i * shard_size, ...)."""
+
+    format: Literal["kdcache"]
+    format_version: int
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    dataset: DatasetInfo
+    template: TemplateInfo
+    sparsifier: SparsifierInfo
+    max_length: int
+    shard_size: int
+    num_shards: int
+    generate: GenerateInfo | None = omitted_when_none()  # absent from teacher-forced caches' plans
+
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise FieldError("format_version", str(FORMAT_VERSION), self.format_version)
+        for name in ("max_length", "shard_size", "num_shards"):
+            check_at_least(self, name, 1)
+
+
+def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,
+              stop_ids: list[int] | None = None) -> Plan:
+    """Everything that shapes the cache's content (and so must agree between workers and across resumes)."""
+    if config.sparsifier.k < 1:
+        raise BadInputError("sparsifier.k must be at least 1")
+    if config.sparsifier.k > len(tokenizer):
+        raise BadInputError(f"sparsifier.k = {config.sparsifier.k} is more than the vocabulary ({len(tokenizer)})")
+    sparsifier = to_dict(config.sparsifier)
+    if config.sparsifier.kind == "topk":
+        sparsifier.pop("temperature")
+        sparsifier.pop("seed")
+    generate = None
+    if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
+        generate = GenerateInfo(**to_dict(config.generate), stop_token_ids=tuple(stop_ids or ()))
+    return Plan(
+        format="kdcache",
+        format_version=FORMAT_VERSION,
+        teacher=TeacherInfo(
+            model=config.teacher.model,
+            revision=config.teacher.revision,
+            dtype=config.teacher.dtype,
+            backend=config.teacher.backend,
+            vllm=engine_settings_that_shape_content(config),
+        ),
+        tokenizer=TokenizerInfo(
+            name=config.tokenizer or config.teacher.model,
+            fingerprint=tokenizer_fingerprint(tokenizer),
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        dataset=DatasetInfo(
+            fingerprint=rows_fingerprint(row.fields for row in rows),
+            sources=tuple(config.data.paths),
+            num_rows=len(rows),
+            unparsed_rows=unparsed_rows,
+            id_field=config.data.id_field,
+            label_fields=tuple(config.data.label_fields),
+        ),
+        template=TemplateInfo(
+            **to_dict(config.template), chat_template_used=uses_chat_template(config.template, tokenizer)
+        ),
+        sparsifier=SparsifierInfo(**sparsifier),
+        max_length=config.max_length,
+        shard_size=config.shard_size,
+        num_shards=max(1, -(-len(rows) // config.shard_size)),
+        generate=generate,
+    )
+
+
+# vLLM engine settings that change the teacher's numbers (the rest, such as parallelism or memory, do not).
+_CONTENT_SHAPING_VLLM_KEYS = ("scoring", "quantization", "hf_overrides", "kv_cache_dtype", "tokenizer_mode")
+
+
+def engine_settings_that_shape_content(config: CacheBuildConfig) -> dict | None:
+    """The vLLM settings recorded in the plan (None for other backends): workers with different quantization or
+    scoring must not mix."""
+    if config.teacher.backend != "vllm":
+        return None
+    settings = config.teacher.vllm or {}
+    shaping = {key: settings[key] for key in _CONTENT_SHAPING_VLLM_KEYS if key in settings}
+    shaping.setdefault("scoring", "exact")
+    return shaping
