@@ -20,6 +20,7 @@ from kdcache.data.encode import Encoded, encode, encode_prompt, uses_chat_templa
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
+from kdcache.modeling import load_tokenizer
 from kdcache.store import FORMAT_VERSION
 from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
 from kdcache.store.location import CacheLocation
@@ -54,15 +55,6 @@ class BuildResult:
     bad_rows: list[BadRow] = field(default_factory=list)
     finalized: bool = False
     manifest: dict | None = None
-
-
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
 
 
 def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,

@@ -13,20 +13,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kdcache.teacher.hf import final_hidden_states, output_logits
+from kdcache.modeling import output_logits, target_hidden_states
 from kdcache.train.losses import LossConfig, SparseTargets, hard_ce, kd_loss
 
-__all__ = ["chunked_distillation_loss", "target_hidden_states"]
-
-
-def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor) -> Tensor:
-    """Final hidden states ``[N, H]`` that predict the target tokens: position ``t - 1`` for each target ``t``,
-    in row-major order of ``target_mask`` (the cache's order)."""
-    rows, cols = target_mask.nonzero(as_tuple=True)
-    if cols.numel() and bool((cols == 0).any()):
-        raise ValueError("position 0 cannot be a target: nothing before it predicts it")
-    hidden = final_hidden_states(model, input_ids, attention_mask)
-    return hidden[rows, cols - 1]
+__all__ = ["chunked_distillation_loss"]
 
 
 def chunked_distillation_loss(

@@ -26,8 +26,7 @@ import torch
 
 from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
-from kdcache.teacher.build import load_tokenizer
-from kdcache.teacher.hf import final_hidden_states, output_logits
+from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
 from kdcache.train.distributed import (
     DistillationObjective,
     Distributed,
@@ -96,11 +95,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
-        rows, cols = batch.target_mask.nonzero(as_tuple=True)
-        selected = hidden[rows, cols - 1]
-        for start in range(0, selected.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
+            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+        for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = _slice_targets(batch.targets, part)
             kd_sum += float(kd_loss(kd_only, logits, targets, reduction="none").sum())
