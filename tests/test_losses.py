@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdcache.targets import SparseTargets
 from kdcache.train import losses as L
-from kdcache.train.losses import LossConfig, SparseTargets
+from kdcache.train.losses import LossConfig
 
 BUCKET_KINDS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv"]
 DIVERGENCE_KINDS = BUCKET_KINDS + ["topk_forward_kl"]

@@ -7,10 +7,11 @@ import torch
 from conftest import make_config
 
 import kdcache.train.student_forward as student_forward
+from kdcache.targets import SparseTargets
 from kdcache.teacher.build import build_cache
 from kdcache.tiny import build_qwen2
 from kdcache.train.loader import CacheDataset
-from kdcache.train.losses import LossConfig, SparseTargets, distillation_loss, teacher_confidence_weight
+from kdcache.train.losses import LossConfig, distillation_loss, teacher_confidence_weight
 from kdcache.train.student_forward import chunked_distillation_loss
 
 

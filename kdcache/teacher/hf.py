@@ -9,7 +9,7 @@ import torch
 from kdcache.config import TeacherConfig
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_causal_lm, output_logits, resolve_device, row_chunks, target_hidden_states
-from kdcache.teacher.sparsify import SparseChunk
+from kdcache.targets import SparseTargets
 
 
 class HFTeacher:
@@ -32,8 +32,8 @@ class HFTeacher:
         self,
         batch_ids: list[list[int]],
         batch_masks: list[list[bool]],
-        sparsify: Callable[[torch.Tensor, slice], SparseChunk],
-    ) -> list[SparseChunk]:
+        sparsify: Callable[[torch.Tensor, slice], SparseTargets],
+    ) -> list[SparseTargets]:
         """Sparse targets for every target row of the batch, in (example, position) order, one chunk at a time.
 
         Token t is a target when mask[t]; its distribution is read from the hidden state at t - 1. Logits exist only

@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdcache.targets import SparseTargets
+
 __all__ = [
     "KINDS",
     "LossConfig",
-    "SparseTargets",
     "bucket_logprobs",
     "distillation_loss",
     "forward_kl",
@@ -95,45 +96,8 @@ _NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------------------
-# Data classes
+# Configuration (the targets themselves are kdcache.targets.SparseTargets)
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class SparseTargets:
-    """One chunk of cached teacher targets, aligned with the student's positions.
-
-    ``ids`` [N, k] int (``-1`` = padding), ``logprobs`` [N, k] teacher log-probs at
-    T = 1, ``tail_logmass`` [N] (topk targets; ``None`` = derive it as
-    ``log(1 - sum exp(logprobs))``, less accurate than a cached one), ``counts``
-    [N, k] int (sample targets only; its presence marks the targets as sampled).
-    """
-
-    ids: Tensor
-    logprobs: Tensor
-    tail_logmass: Tensor | None = None
-    counts: Tensor | None = None
-
-    @property
-    def is_sampled(self) -> bool:
-        return self.counts is not None
-
-    def __post_init__(self) -> None:
-        if self.ids.dim() != 2:
-            raise ValueError(f"SparseTargets.ids must be [N, k], got shape {tuple(self.ids.shape)}")
-        if self.logprobs.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTargets.logprobs shape {tuple(self.logprobs.shape)} != ids shape {tuple(self.ids.shape)}"
-            )
-        if self.tail_logmass is not None and self.tail_logmass.shape != self.ids.shape[:1]:
-            raise ValueError(
-                f"SparseTargets.tail_logmass must be [N] = [{self.ids.shape[0]}], "
-                f"got shape {tuple(self.tail_logmass.shape)}"
-            )
-        if self.counts is not None and self.counts.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTargets.counts shape {tuple(self.counts.shape)} != ids shape {tuple(self.ids.shape)}"
-            )
 
 
 @dataclass

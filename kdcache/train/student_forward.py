@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kdcache.modeling import output_logits, target_hidden_states
-from kdcache.train.losses import LossConfig, SparseTargets, hard_ce, kd_loss
+from kdcache.targets import SparseTargets
+from kdcache.train.losses import LossConfig, hard_ce, kd_loss
 
 __all__ = ["chunked_distillation_loss"]
 
@@ -87,14 +88,9 @@ def chunked_distillation_loss(
         ce_den = ce_w.sum().clamp_min(tiny)
     if use_kd:
         kd_den = torch.tensor(float(max(n, 1)), dtype=dtype, device=device) if w is None else w.sum().clamp_min(tiny)
-        targets = SparseTargets(
-            ids=targets.ids.to(device),
-            logprobs=targets.logprobs.to(device),
-            tail_logmass=None if targets.tail_logmass is None else targets.tail_logmass.to(device),
-            counts=None if targets.counts is None else targets.counts.to(device),
-        )
+        targets = targets.to(device)
 
-    def chunk_sums(h, ids, logprobs, tail, counts, chunk_labels, chunk_ce_w, chunk_kd_w):
+    def chunk_sums(h, chunk_targets, chunk_labels, chunk_ce_w, chunk_kd_w):
         logits = output_logits(model, h)
         if vocab_size is not None and vocab_size < logits.shape[-1]:
             logits = logits[:, :vocab_size]
@@ -104,7 +100,6 @@ def chunked_distillation_loss(
             ce = hard_ce(logits, chunk_labels, reduction="none")
             ce_sum = torch.where(chunk_ce_w > 0, chunk_ce_w * ce, torch.zeros_like(ce)).sum()
         if use_kd:
-            chunk_targets = SparseTargets(ids=ids, logprobs=logprobs, tail_logmass=tail, counts=counts)
             kd = kd_loss(loss_config, logits, chunk_targets, reduction="none")
             if chunk_kd_w is None:
                 kd_sum = kd.sum()
@@ -122,10 +117,7 @@ def chunked_distillation_loss(
         s = slice(start, min(start + chunk_size, n))
         args = (
             selected[s],
-            part(targets.ids, s) if use_kd else None,
-            part(targets.logprobs, s) if use_kd else None,
-            part(targets.tail_logmass, s) if use_kd else None,
-            part(targets.counts, s) if use_kd else None,
+            targets[s] if use_kd else None,
             part(labels, s) if use_ce else None,
             part(ce_w, s),
             part(w, s),

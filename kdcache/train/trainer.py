@@ -98,7 +98,7 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
             selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
-            targets = _slice_targets(batch.targets, part)
+            targets = batch.targets[part]
             kd_sum += float(kd_loss(kd_only, logits, targets, reduction="none").sum())
             fkl_sum += float(kd_loss(common, logits, targets, reduction="none").sum())
             agree += float((logits.argmax(-1) == targets.ids[:, 0].long()).sum())
@@ -110,15 +110,6 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
     return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
             "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
-
-
-def _slice_targets(targets, part: slice):
-    from kdcache.train.losses import SparseTargets
-
-    def cut(value):
-        return None if value is None else value[part]
-
-    return SparseTargets(cut(targets.ids), cut(targets.logprobs), cut(targets.tail_logmass), cut(targets.counts))
 
 
 def _rng_state() -> dict:
