@@ -23,8 +23,8 @@ import torch
 from kdcache.config import LoraConfig
 from kdcache.targets import SparseTargets
 from kdcache.train.losses import LossConfig
+from kdcache.train.objective import chunked_distillation_loss
 from kdcache.train.student import resolve_precision
-from kdcache.train.student_forward import chunked_distillation_loss
 
 PRESETS = {
     # Qwen2.5-1.5B-Instruct's shape (config.json of the released model).

@@ -64,11 +64,13 @@ __all__ = [
     "KINDS",
     "LossConfig",
     "bucket_logprobs",
+    "combine_terms",
     "distillation_loss",
     "forward_kl",
     "generalized_jsd",
     "hard_ce",
     "kd_loss",
+    "label_weights",
     "reduce_positions",
     "reverse_kl",
     "sampled_cross_entropy",
@@ -78,6 +80,7 @@ __all__ = [
     "top_k_truncate",
     "topk_forward_kl",
     "total_variation",
+    "weighted_sum",
 ]
 
 #: Names accepted by ``LossConfig.kind``.
@@ -182,20 +185,31 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return _logsumexp(torch.stack([log_a + lw, log_b + l1w], dim=0), dim=0)
 
 
-def reduce_positions(values: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean of per-position ``values`` [N]; with ``weights`` [N] (>= 0): ``sum(w*v) / sum(w)``.
+def weighted_sum(values: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor | int]:
+    """``(numerator, denominator)`` of the mean of per-position ``values`` [N]: ``(sum(v), max(N, 1))``, or with
+    ``weights`` [N] (>= 0) ``(sum(w*v), sum(w))`` (the latter floored at the dtype's tiny).
 
     Positions with weight 0 contribute nothing (not even NaN from an infinite
-    value).  Returns 0 when N = 0 or all weights are 0.  Weights are not checked
-    for negativity (that would force a device sync every step).
+    value).  Weights are not checked for negativity (that would force a device
+    sync every step).  Summing numerators and denominators over chunks gives the
+    mean over all positions (see :func:`combine_terms`).
     """
     if weights is None:
-        return values.sum() / max(values.numel(), 1)
+        return values.sum(), max(values.numel(), 1)
     if weights.shape != values.shape:
         raise ValueError(f"weights shape {tuple(weights.shape)} != per-position shape {tuple(values.shape)}")
     w = weights.to(dtype=values.dtype, device=values.device)
     num = torch.where(w > 0, w * values, torch.zeros_like(values)).sum()
-    return num / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    return num, w.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def reduce_positions(values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean of per-position ``values`` [N]; with ``weights`` [N] (>= 0): ``sum(w*v) / sum(w)``.
+
+    Returns 0 when N = 0 or all weights are 0 (see :func:`weighted_sum`).
+    """
+    num, den = weighted_sum(values, weights)
+    return num / den
 
 
 def _reduce(values: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
@@ -590,9 +604,14 @@ def hard_ce(
     ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="none", ignore_index=ignore_index)
     if reduction == "none":
         return ce
+    return _reduce(ce, label_weights(labels, weights, dtype, ignore_index), reduction)
+
+
+def label_weights(labels: Tensor, weights: Tensor | None, dtype: torch.dtype, ignore_index: int = -100) -> Tensor:
+    """Per-position weights [N] of the cross-entropy term: 0 where ``labels`` is ``ignore_index``, else ``weights``
+    (1 when ``None``), in ``dtype``."""
     keep = (labels != ignore_index).to(dtype)
-    w = keep if weights is None else keep * weights.to(dtype)
-    return _reduce(ce, w, reduction)
+    return keep if weights is None else keep * weights.to(dtype)
 
 
 _KD_FUNCS = {
@@ -628,6 +647,36 @@ def kd_loss(
     return _KD_FUNCS[config.kind](student_logits, targets, **kw)
 
 
+def combine_terms(
+    ce_sum: Tensor | None,
+    ce_den: Tensor | int | None,
+    kd_sum: Tensor | None,
+    kd_den: Tensor | int | None,
+    alpha: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``total = alpha * ce_sum / ce_den + (1 - alpha) * kd_sum / kd_den``: the hard/soft mix, written once.
+
+    Each term is a weighted mean given as (numerator, denominator) from :func:`weighted_sum`, over one chunk or
+    summed over chunks.  A term whose coefficient is 0 is skipped (its sums may be ``None``), and a coefficient of 1
+    multiplies nothing, so alpha = 1 is exactly the CE mean and alpha = 0 exactly the KD mean.
+
+    Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"`` means for the terms computed.
+    """
+    parts: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    if alpha > 0:
+        ce = ce_sum / ce_den
+        parts["ce"] = ce.detach()
+        total = ce if alpha == 1 else alpha * ce
+    if alpha < 1:
+        kd = kd_sum / kd_den
+        parts["kd"] = kd.detach()
+        kd_term = kd if alpha == 0 else (1.0 - alpha) * kd
+        total = kd_term if total is None else total + kd_term
+    assert total is not None
+    return total, parts
+
+
 def distillation_loss(
     config: LossConfig,
     student_logits: Tensor,
@@ -646,20 +695,14 @@ def distillation_loss(
     Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"``
     scalars for the terms that were computed.
     """
-    parts: dict[str, Tensor] = {}
-    total: Tensor | None = None
+    ce_sum = ce_den = kd_sum = kd_den = None
     if config.alpha > 0:
         if labels is None:
             raise ValueError(f"alpha={config.alpha} > 0 needs labels for the cross-entropy term")
-        ce = hard_ce(student_logits, labels, weights=weights)
-        parts["ce"] = ce.detach()
-        total = ce if config.alpha == 1 else config.alpha * ce
+        ce = hard_ce(student_logits, labels, reduction="none")
+        ce_sum, ce_den = weighted_sum(ce, label_weights(labels.long(), weights, ce.dtype))
     if config.alpha < 1:
         if targets is None:
             raise ValueError(f"alpha={config.alpha} < 1 needs teacher targets for the distillation term")
-        kd = kd_loss(config, student_logits, targets, weights=weights)
-        parts["kd"] = kd.detach()
-        kd_term = kd if config.alpha == 0 else (1.0 - config.alpha) * kd
-        total = kd_term if total is None else total + kd_term
-    assert total is not None
-    return total, parts
+        kd_sum, kd_den = weighted_sum(kd_loss(config, student_logits, targets, reduction="none"), weights)
+    return combine_terms(ce_sum, ce_den, kd_sum, kd_den, config.alpha)

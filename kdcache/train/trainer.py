@@ -27,15 +27,10 @@ import torch
 from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
-from kdcache.train.distributed import (
-    DistillationObjective,
-    Distributed,
-    init_distributed,
-    sync_context,
-    wrap_for_training,
-)
+from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
+from kdcache.train.objective import DistillationObjective
 from kdcache.train.student import (
     load_student,
     make_optimizer,
