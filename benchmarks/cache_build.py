@@ -240,7 +240,7 @@ def sync(device: torch.device) -> None:
 
 def time_plain(model, batches, device, decoder_only: bool = False) -> float:
     """A plain forward over the batches: logits for every position, or (decoder_only) the final hidden states."""
-    from kdcache.teacher.hf import final_hidden_states
+    from kdcache.modeling import final_hidden_states
 
     sync(device)
     t0 = time.perf_counter()
@@ -281,7 +281,7 @@ PHASE_SPECS = [  # (label, module path, attribute), in print order; indentation 
     ("render + tokenise (prepare_rows)", "kdcache.teacher.build", "prepare_rows"),
     ("ShardScorer.score_shard", "kdcache.teacher.build", "ShardScorer.score_shard"),
     ("  HFTeacher.score", "kdcache.teacher.hf", "HFTeacher.score"),
-    ("    decoder forward (final_hidden_states)", "kdcache.teacher.hf", "final_hidden_states"),
+    ("    decoder forward (final_hidden_states)", "kdcache.modeling", "final_hidden_states"),
     ("    LM head (output_logits)", "kdcache.teacher.hf", "output_logits"),
     ("    sparsify (topk_with_tail)", "kdcache.teacher.build", "topk_with_tail"),
     ("ShardScorer.assemble", "kdcache.teacher.build", "ShardScorer.assemble"),

@@ -21,9 +21,10 @@ import time
 import torch
 
 from kdcache.config import LoraConfig
-from kdcache.train.losses import LossConfig, SparseTargets
+from kdcache.targets import SparseTargets
+from kdcache.train.losses import LossConfig
+from kdcache.train.objective import chunked_distillation_loss
 from kdcache.train.student import resolve_precision
-from kdcache.train.student_forward import chunked_distillation_loss
 
 PRESETS = {
     # Qwen2.5-1.5B-Instruct's shape (config.json of the released model).
@@ -76,8 +77,7 @@ def make_batch(batch: int, seq: int, vocab: int, k: int, targets: str, answer_to
     sparse = SparseTargets(ids=ids, logprobs=top, tail_logmass=tail)
     move = lambda t: t.to(device)  # noqa: E731
     return dict(input_ids=move(input_ids), attention_mask=move(torch.ones_like(input_ids)), target_mask=move(mask),
-                labels_full=move(labels_full), labels=move(input_ids[mask]),
-                targets=SparseTargets(move(sparse.ids), move(sparse.logprobs), move(sparse.tail_logmass)))
+                labels_full=move(labels_full), labels=move(input_ids[mask]), targets=sparse.to(device))
 
 
 def sft_loss(model, batch):

@@ -61,8 +61,9 @@ def _write_split(source: Path, out: Path, limit: int | None, words: int) -> str:
 
 def train_teacher_on_labels(model, tokenizer, data_file: str, steps: int, seed: int = 0) -> None:
     """Plain cross-entropy on the answer tokens: makes the stand-in teacher better than chance."""
-    from kdcache.train.losses import LossConfig, SparseTargets
-    from kdcache.train.student_forward import chunked_distillation_loss
+    from kdcache.targets import SparseTargets
+    from kdcache.train.losses import LossConfig
+    from kdcache.train.objective import chunked_distillation_loss
 
     template = TemplateConfig(prompt=PROMPT, target=TARGET)
     rows = [json.loads(line) for line in Path(data_file).read_text().splitlines() if line.strip()]

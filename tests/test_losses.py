@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdcache.targets import SparseTargets
 from kdcache.train import losses as L
-from kdcache.train.losses import LossConfig, SparseTargets
+from kdcache.train.losses import LossConfig
 
 BUCKET_KINDS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv"]
 DIVERGENCE_KINDS = BUCKET_KINDS + ["topk_forward_kl"]
@@ -403,6 +404,19 @@ def test_weighted_reduction_edge_cases():
     with pytest.raises(ValueError):
         L.reduce_positions(vals, torch.ones(2))
 
+
+def test_combine_terms_mixes_means_and_skips_zero_coefficients():
+    ce_sum, ce_den, kd_sum, kd_den = torch.tensor(6.0), torch.tensor(3.0), torch.tensor(2.0), 4
+    total, parts = L.combine_terms(ce_sum, ce_den, kd_sum, kd_den, 0.25)
+    assert total.item() == 0.25 * 2.0 + 0.75 * 0.5 and parts == {"ce": 2.0, "kd": 0.5}
+    total, parts = L.combine_terms(ce_sum, ce_den, None, None, 1.0)
+    assert total.item() == 2.0 and set(parts) == {"ce"}
+    total, parts = L.combine_terms(None, None, kd_sum, kd_den, 0.0)
+    assert total.item() == 0.5 and set(parts) == {"kd"}
+    # chunk sums of numerators and denominators give the mean over all positions
+    vals, w = torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([1.0, 0.0, 0.5, 2.0])
+    (n1, d1), (n2, d2) = L.weighted_sum(vals[:2], w[:2]), L.weighted_sum(vals[2:], w[2:])
+    torch.testing.assert_close(L.combine_terms(None, None, n1 + n2, d1 + d2, 0.0)[0], L.reduce_positions(vals, w))
 
 def test_config_validation():
     with pytest.raises(ValueError):

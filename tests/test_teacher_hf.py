@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_config
 
+from kdcache.modeling import load_causal_lm
 from kdcache.store.reader import CacheReader
 from kdcache.teacher.build import build_cache
-from kdcache.teacher.hf import load_causal_lm
 from kdcache.teacher.sparsify import example_uniforms, sample_with_counts
 from kdcache.tiny import build_qwen2, save_model
 

@@ -27,22 +27,18 @@ from kdcache.data.encode import prompt_text_for_model, uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.data.templates import render
 from kdcache.errors import BadInputError
+from kdcache.modeling import (
+    decoder_of,
+    final_hidden_states,
+    load_causal_lm,
+    load_tokenizer,
+    output_logits,
+    resolve_device,
+    resolve_dtype,
+    row_chunks,
+)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNPARSED = "unparsed"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise BadInputError(f"unknown device {name!r} ({exc}); use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    return device
 
 
 def folder_size(path: str | os.PathLike) -> int | None:
@@ -92,10 +88,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenize
     applies the adapter and, by default, merges it in, as a deployment would. The tokenizer comes from
     `tokenizer`, else the folder given, else the base model's folder.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise BadInputError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    resolve_dtype(dtype)  # an unknown dtype fails before anything is loaded
     torch_device = resolve_device(device)
     adapter = is_adapter_folder(path)
     base_name = None
@@ -105,13 +98,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenize
         if not base_name:
             raise BadInputError(f"the adapter {path} does not name its base model; pass the base model explicitly")
     source = base_name if adapter else path
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    except OSError as exc:
-        raise BadInputError(
-            f"cannot load the model '{source}': {exc}. Give a local folder with config and weights, or a hub id "
-            "whose weights are already downloaded"
-        ) from None
+    model = load_causal_lm(source, dtype=dtype)  # on the CPU: the adapter is applied before it moves
     adapter_parameters = None
     if adapter:
         from peft import PeftModel
@@ -121,10 +108,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenize
         if merge_adapter:
             model = model.merge_and_unload()
     tokenizer_source = tokenizer or (path if (not adapter or _has_tokenizer(path)) else base_name)
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_source)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load the tokenizer '{tokenizer_source}': {exc}") from None
+    tok = load_tokenizer(tokenizer_source)
     model = model.to(torch_device).eval()
     parameters = sum(p.numel() for p in model.parameters())
     return LoadedModel(
@@ -184,26 +168,6 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 # ----------------------------------------------------------------------------------------------- label scoring
 
 
-def _lm_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Final hidden states without logits, or None when the model does not expose its decoder."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or decoder is model:
-        return None
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
                  device: torch.device | None = None, chunk_size: int = 1024) -> np.ndarray:
@@ -238,14 +202,12 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     rows_t = torch.tensor(rows, device=device)
     positions_t = torch.tensor(positions, device=device)
     targets_t = torch.tensor(targets, device=device)
-    hidden = _hidden_states(model, ids, mask)
     token_logprobs = torch.empty(len(rows), dtype=torch.float32, device=device)
-    if hidden is not None:
-        selected = hidden[rows_t, positions_t]
-        for begin in range(0, len(rows), chunk_size):
-            end = min(begin + chunk_size, len(rows))
-            logits = _lm_head_logits(model, selected[begin:end]).float()
-            token_logprobs[begin:end] = logits.log_softmax(-1).gather(-1, targets_t[begin:end, None])[:, 0]
+    if decoder_of(model) is not None:
+        selected = final_hidden_states(model, ids, mask)[rows_t, positions_t]
+        for part in row_chunks(len(rows), chunk_size):
+            logits = output_logits(model, selected[part]).float()
+            token_logprobs[part] = logits.log_softmax(-1).gather(-1, targets_t[part, None])[:, 0]
     else:  # a model without a separate decoder: full logits (fine for small models)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         token_logprobs = logits[rows_t, positions_t].float().log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
@@ -314,6 +276,6 @@ def template_for(prompt: str, system: str | None = None, chat: str = "auto") -> 
 
 __all__ = [
     "LoadedModel", "UNPARSED", "folder_size", "generate", "is_adapter_folder", "label_probabilities",
-    "label_token_ids", "load_model", "parse_label", "prompt_ids", "resolve_device", "score_labels",
+    "label_token_ids", "load_model", "parse_label", "prompt_ids", "score_labels",
     "template_for", "uses_chat_template",
 ]

@@ -20,13 +20,15 @@ from kdcache.data.encode import Encoded, encode, encode_prompt
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
+from kdcache.modeling import load_tokenizer
 from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
 from kdcache.store.plan import make_plan
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
+from kdcache.targets import SparseTargets
 from kdcache.teacher.generate import check_generate_config, generate_answers, stop_token_ids
-from kdcache.teacher.sparsify import SparseChunk, example_uniforms, sample_with_counts, topk_with_tail
+from kdcache.teacher.sparsify import example_uniforms, sample_with_counts, topk_with_tail
 
 log = logging.getLogger("kdcache.build")
 
@@ -53,15 +55,6 @@ class BuildResult:
     bad_rows: list[BadRow] = field(default_factory=list)
     finalized: bool = False
     manifest: Manifest | None = None
-
-
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
 
 
 def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: int) -> tuple[list[Prepared], list[BadRow]]:
@@ -129,10 +122,10 @@ class ShardScorer:
             return lambda logits, rows: topk_with_tail(logits, spec.k)
         return lambda logits, rows: sample_with_counts(logits, uniforms[rows], spec.temperature)
 
-    def score_shard(self, examples: list[Prepared]) -> list[SparseChunk]:
-        """One SparseChunk per example, in the order given."""
+    def score_shard(self, examples: list[Prepared]) -> list[SparseTargets]:
+        """The SparseTargets of each example, in the order given."""
         spec = self.config.sparsifier
-        per_example: list[SparseChunk | None] = [None] * len(examples)
+        per_example: list[SparseTargets | None] = [None] * len(examples)
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].encoded.input_ids))
         for start in range(0, len(order), self.config.teacher.batch_size):
             batch = order[start : start + self.config.teacher.batch_size]
@@ -145,20 +138,20 @@ class ShardScorer:
                     [example_uniforms(spec.seed, examples[i].row_index, n, spec.k) for i, n in zip(batch, counts)]
                 )
             chunks = self.backend.score(ids, masks, self._sparsifier(uniforms))
-            merged = _concat(chunks)
+            merged = SparseTargets.cat(chunks)
             offset = 0
             for i, n in zip(batch, counts):
-                per_example[i] = _slice(merged, offset, offset + n)
+                per_example[i] = merged[offset : offset + n]
                 offset += n
             if self.progress is not None:
                 self.progress.update(len(batch), sum(len(x) for x in ids), sum(counts))
         return per_example
 
-    def assemble(self, examples: list[Prepared], sparse: list[SparseChunk]) -> ShardData:
+    def assemble(self, examples: list[Prepared], sparse: list[SparseTargets]) -> ShardData:
         spec = self.config.sparsifier
         lengths = [len(e.encoded.input_ids) for e in examples]
-        targets = [int(s.ids.shape[0]) for s in sparse]
-        merged = _concat(sparse) if sparse else None
+        targets = [s.num_rows for s in sparse]
+        merged = SparseTargets.cat(sparse) if sparse else None
         k = spec.k
         logprob_dtype = np.float16 if spec.logprob_dtype == "float16" else np.float32
         empty_ids = np.zeros((0, k), np.int32)
@@ -179,21 +172,6 @@ class ShardScorer:
             ),
             records=_records_table(self.config, examples, targets),
         )
-
-
-def _concat(chunks: list[SparseChunk]) -> SparseChunk:
-    def cat(name):
-        parts = [getattr(c, name) for c in chunks]
-        return None if parts[0] is None else torch.cat(parts)
-
-    return SparseChunk(cat("ids"), cat("logprobs"), cat("tail_logmass"), cat("counts"))
-
-
-def _slice(chunk: SparseChunk, start: int, stop: int) -> SparseChunk:
-    def part(value):
-        return None if value is None else value[start:stop]
-
-    return SparseChunk(part(chunk.ids), part(chunk.logprobs), part(chunk.tail_logmass), part(chunk.counts))
 
 
 class BuildProgress:

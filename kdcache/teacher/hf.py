@@ -8,50 +8,8 @@ import torch
 
 from kdcache.config import TeacherConfig
 from kdcache.errors import BadInputError
-from kdcache.teacher.sparsify import SparseChunk
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_causal_lm(name: str, revision: str | None, dtype: str, device: torch.device, trust_remote_code: bool = False):
-    """Load a causal LM from a local folder or a hub id, in eval mode, with SDPA attention where available."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
-    except OSError as exc:
-        raise BadInputError(
-            f"cannot load the model '{name}': {exc}. Give a local folder with config and weights, or a hub id "
-            "whose weights are already downloaded"
-        ) from None
-    return model.to(device).eval()
-
-
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from final hidden states through the LM head, with the scale/soft-cap some architectures apply."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states (after its final norm), without computing any logits."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+from kdcache.modeling import load_causal_lm, output_logits, resolve_device, row_chunks, target_hidden_states
+from kdcache.targets import SparseTargets
 
 
 class HFTeacher:
@@ -74,8 +32,8 @@ class HFTeacher:
         self,
         batch_ids: list[list[int]],
         batch_masks: list[list[bool]],
-        sparsify: Callable[[torch.Tensor, slice], SparseChunk],
-    ) -> list[SparseChunk]:
+        sparsify: Callable[[torch.Tensor, slice], SparseTargets],
+    ) -> list[SparseTargets]:
         """Sparse targets for every target row of the batch, in (example, position) order, one chunk at a time.
 
         Token t is a target when mask[t]; its distribution is read from the hidden state at t - 1. Logits exist only
@@ -89,15 +47,12 @@ class HFTeacher:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             target[row, : len(ids)] = torch.tensor(mask)
-        hidden = final_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device))
-        rows, cols = target.nonzero(as_tuple=True)  # row-major: example by example, positions in order
-        selected = hidden[rows.to(self.device), (cols - 1).to(self.device)]
-        del hidden
+        selected = target_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device),
+                                        target.to(self.device))  # row-major: example by example, positions in order
         chunks = []
-        for start in range(0, selected.shape[0], self.config.chunk_size):
-            stop = min(start + self.config.chunk_size, selected.shape[0])
-            logits = output_logits(self.model, selected[start:stop])[:, : self.vocab_size]
-            chunks.append(sparsify(logits, slice(start, stop)))
+        for rows in row_chunks(selected.shape[0], self.config.chunk_size):
+            logits = output_logits(self.model, selected[rows])[:, : self.vocab_size]
+            chunks.append(sparsify(logits, rows))
         return chunks
 
     @torch.inference_mode()

@@ -1,26 +1,17 @@
 """Turn full-vocabulary teacher logits (a chunk of target positions) into what the cache keeps.
 
-Both work on one chunk of rows at a time, so at most [chunk, vocab] floats exist at once.
+Both work on one chunk of rows at a time, so at most [chunk, vocab] floats exist at once, and return the chunk's
+SparseTargets on the CPU: int32 ids and counts, float32 log-probabilities and tail (the cache's dtypes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class SparseChunk:
-    """Sparse teacher targets for a chunk of positions (tensors on the CPU)."""
-
-    ids: torch.Tensor  # int32 [n, k]
-    logprobs: torch.Tensor  # float32 [n, k]
-    tail_logmass: torch.Tensor | None = None  # float32 [n]
-    counts: torch.Tensor | None = None  # int32 [n, k]
+from kdcache.targets import SparseTargets
 
 
-def topk_with_tail(logits: torch.Tensor, k: int) -> SparseChunk:
+def topk_with_tail(logits: torch.Tensor, k: int) -> SparseTargets:
     """Top-k token ids and log-probabilities of softmax(logits), and the exact log of the mass outside the top-k.
 
     The tail is logsumexp over the logits not in the top-k minus logsumexp over all of them, which stays exact
@@ -34,14 +25,14 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> SparseChunk:
         values, ids = torch.topk(logits, vocab, dim=-1)
         lse = torch.logsumexp(values, dim=-1, keepdim=True)
         tail = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
-        return SparseChunk(ids.to(torch.int32).cpu(), (values - lse).cpu(), tail_logmass=tail.cpu())
+        return SparseTargets(ids.to(torch.int32).cpu(), (values - lse).cpu(), tail_logmass=tail.cpu())
     values, ids = torch.topk(logits, k + 1, dim=-1)
     rest_max = values[:, k:]
     values, ids = values[:, :k], ids[:, :k]
     rest = logits.scatter_(-1, ids, float("-inf")).sub_(rest_max).exp_().sum(dim=-1)
     lse_rest = rest_max.squeeze(-1) + rest.log()
     lse = torch.logaddexp(torch.logsumexp(values, dim=-1), lse_rest)
-    return SparseChunk(ids.to(torch.int32).cpu(), (values - lse[:, None]).cpu(), tail_logmass=(lse_rest - lse).cpu())
+    return SparseTargets(ids.to(torch.int32).cpu(), (values - lse[:, None]).cpu(), tail_logmass=(lse_rest - lse).cpu())
 
 
 def example_uniforms(seed: int, example_index: int, num_targets: int, num_samples: int) -> torch.Tensor:
@@ -50,7 +41,7 @@ def example_uniforms(seed: int, example_index: int, num_targets: int, num_sample
     return torch.rand((num_targets, num_samples), generator=generator, dtype=torch.float64)
 
 
-def sample_with_counts(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> SparseChunk:
+def sample_with_counts(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> SparseTargets:
     """Draw tokens per row from softmax(logits / temperature) by inverse CDF of `uniforms` [n, draws]; keep each
     distinct token and its count.
 
@@ -81,4 +72,4 @@ def sample_with_counts(logits: torch.Tensor, uniforms: torch.Tensor, temperature
         ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
         counts = torch.nn.functional.pad(counts, (0, pad), value=0)
         picked_logprobs = torch.nn.functional.pad(picked_logprobs, (0, pad), value=0.0)
-    return SparseChunk(ids.to(torch.int32).cpu(), picked_logprobs.cpu(), counts=counts.to(torch.int32).cpu())
+    return SparseTargets(ids.to(torch.int32).cpu(), picked_logprobs.cpu(), counts=counts.to(torch.int32).cpu())

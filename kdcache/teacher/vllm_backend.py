@@ -44,7 +44,8 @@ import torch
 
 from kdcache.config import TeacherConfig
 from kdcache.errors import BadInputError
-from kdcache.teacher.sparsify import SparseChunk, topk_with_tail
+from kdcache.targets import SparseTargets
+from kdcache.teacher.sparsify import topk_with_tail
 
 log = logging.getLogger("kdcache.vllm")
 
@@ -359,7 +360,7 @@ class VLLMTeacher:
             )
         self.lm_head_rows = rows
 
-    def _probe(self, sparsify: Callable[[torch.Tensor, slice], SparseChunk]) -> int:
+    def _probe(self, sparsify: Callable[[torch.Tensor, slice], SparseTargets]) -> int:
         probe = sparsify(torch.zeros((1, self.vocab_size)), slice(0, 1))
         if probe.tail_logmass is None:
             raise BadInputError(
@@ -373,8 +374,8 @@ class VLLMTeacher:
         self,
         batch_ids: list[list[int]],
         batch_masks: list[list[bool]],
-        sparsify: Callable[[torch.Tensor, slice], SparseChunk],
-    ) -> list[SparseChunk]:
+        sparsify: Callable[[torch.Tensor, slice], SparseTargets],
+    ) -> list[SparseTargets]:
         """Sparse targets for every target row of the batch, in (example, position) order (one chunk per example)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -451,7 +452,7 @@ class VLLMTeacher:
             answers.append([list(sample.token_ids) for sample in samples])
         return answers
 
-    def _from_arrays(self, output, num_rows: int) -> SparseChunk:
+    def _from_arrays(self, output, num_rows: int) -> SparseTargets:
         parts = [p for p in (output.prompt_logprobs or []) if p is not None]
         if len(parts) != 1 or not hasattr(parts[0], "logprob_token_ids"):
             raise RuntimeError(
@@ -462,10 +463,10 @@ class VLLMTeacher:
         logprobs = torch.as_tensor(parts[0].logprobs)
         if ids.shape[0] != num_rows or bool((ids[:, 1:] < 0).any()):
             raise RuntimeError(f"vLLM scored {ids.shape[0]} rows of a request with {num_rows} target rows, some unset")
-        return SparseChunk(ids[:, 1:].to(torch.int32).contiguous(), logprobs[:, 1:].float().contiguous(),
+        return SparseTargets(ids[:, 1:].to(torch.int32).contiguous(), logprobs[:, 1:].float().contiguous(),
                            tail_logmass=logprobs[:, 0].float().contiguous())
 
-    def _from_flat(self, output, rows: list[int], k: int) -> SparseChunk:
+    def _from_flat(self, output, rows: list[int], k: int) -> SparseTargets:
         flat = output.prompt_logprobs
         starts = np.asarray(flat.start_indices, dtype=np.int64)
         token_ids = np.asarray(flat.token_ids, dtype=np.int64)
@@ -480,7 +481,7 @@ class VLLMTeacher:
                 "vLLM put an LM-head padding row (an id past the tokenizer's vocabulary) in a top-k; the "
                 "prompt_logprobs route cannot remove padding rows: use teacher.vllm.scoring=exact"
             )
-        return SparseChunk(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(logprobs.astype(np.float32)),
+        return SparseTargets(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(logprobs.astype(np.float32)),
                            tail_logmass=torch.from_numpy(derived_tail(logprobs).astype(np.float32)))
 
 
@@ -491,8 +492,8 @@ def derived_tail(logprobs: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(mass, TAIL_FLOOR))
 
 
-def _empty(k: int) -> SparseChunk:
-    return SparseChunk(torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k)), tail_logmass=torch.zeros(0))
+def _empty(k: int) -> SparseTargets:
+    return SparseTargets(torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k)), tail_logmass=torch.zeros(0))
 
 
 def make_vllm_backend(config, vocab_size: int) -> VLLMTeacher:

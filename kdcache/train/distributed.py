@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from kdcache.errors import BadInputError
-from kdcache.train.losses import LossConfig, teacher_confidence_weight
-from kdcache.train.student_forward import chunked_distillation_loss
 
-__all__ = ["DistillationObjective", "Distributed", "init_distributed"]
+__all__ = ["Distributed", "init_distributed", "sync_context", "wrap_for_training"]
 
 
 @dataclass(frozen=True)
@@ -105,37 +103,9 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
 
-class DistillationObjective(nn.Module):
-    """The student plus its chunked distillation loss as one module, so DDP sees the whole forward pass.
-
-    The loss never calls ``model(...)``: it runs the decoder (``get_decoder()``) and projects target positions through
-    the LM head chunk by chunk (:mod:`kdcache.train.student_forward`). Wrapping the bare student in DDP would leave
-    ``DistributedDataParallel.forward`` unused, and DDP only prepares its gradient reducer (buckets, the
-    bucket-by-bucket all-reduce overlapped with backward) inside its own forward. Making the loss computation this
-    module's ``forward`` puts every parameter use, the LM head under activation checkpointing included, inside
-    ``DDP.forward``; gradient accumulation uses DDP's ``no_sync()`` on all but the last micro-batch. Checkpointing is
-    non-reentrant throughout (the chunked head and the decoder's), which DDP supports.
-    """
-
-    def __init__(self, model: nn.Module, losses: LossConfig, chunk_size: int, vocab_size: int,
-                 confidence_weight: bool):
-        super().__init__()
-        self.model = model
-        self.losses = losses
-        self.chunk_size = chunk_size
-        self.vocab_size = vocab_size
-        self.confidence_weight = confidence_weight
-
-    def forward(self, batch):
-        """``(loss, parts)`` for one micro-batch (a :class:`kdcache.train.loader.CacheBatch` on the model's device)."""
-        weights = teacher_confidence_weight(batch.targets) if self.confidence_weight else None
-        return chunked_distillation_loss(
-            self.model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
-            self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights)
-
-
-def wrap_for_training(objective: DistillationObjective, dist: Distributed, device: torch.device) -> nn.Module:
-    """DDP around the objective when there are several ranks (the objective itself otherwise).
+def wrap_for_training(objective: nn.Module, dist: Distributed, device: torch.device) -> nn.Module:
+    """DDP around the objective (:class:`kdcache.train.objective.DistillationObjective`) when there are several ranks
+    (the objective itself otherwise).
 
     Only trainable parameters are synchronised: frozen base weights (LoRA, QLoRA) are loaded from the same files on
     every rank, so broadcasting them at start-up would only cost time. Buffers (rotary tables, computed the same way

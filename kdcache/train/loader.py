@@ -37,7 +37,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.store.reader import CacheReader, CachedExample, split_examples
-from kdcache.train.losses import SparseTargets, top_k_truncate
+from kdcache.targets import SparseTargets
+from kdcache.train.losses import top_k_truncate
 
 __all__ = [
     "CacheBatch",
@@ -87,18 +88,11 @@ class CacheBatch:
         return int(self.attention_mask.sum())
 
     def _map(self, fn) -> "CacheBatch":
-        t = self.targets
-        targets = SparseTargets(
-            ids=fn(t.ids),
-            logprobs=fn(t.logprobs),
-            tail_logmass=None if t.tail_logmass is None else fn(t.tail_logmass),
-            counts=None if t.counts is None else fn(t.counts),
-        )
         return CacheBatch(
             input_ids=fn(self.input_ids),
             attention_mask=fn(self.attention_mask),
             target_mask=fn(self.target_mask),
-            targets=targets,
+            targets=self.targets.map(fn),
             labels=fn(self.labels),
             example_indices=fn(self.example_indices),
             epoch=self.epoch,
@@ -219,9 +213,7 @@ def collate_examples(
         counts=counts,
     )
     if k_prime is not None and k_prime < targets.ids.shape[1]:
-        targets = top_k_truncate(targets, k_prime)
-        targets = SparseTargets(ids=targets.ids.contiguous(), logprobs=targets.logprobs.contiguous(),
-                                tail_logmass=None if targets.tail_logmass is None else targets.tail_logmass.float())
+        targets = top_k_truncate(targets, k_prime).map(Tensor.contiguous)
     return CacheBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention),

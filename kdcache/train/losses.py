@@ -52,24 +52,25 @@ float32; float64 inputs are kept in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.config import LOSS_KINDS, LossConfig
+from kdcache.targets import SparseTargets
 
 __all__ = [
     "LOSS_KINDS",
     "LossConfig",
-    "SparseTargets",
     "bucket_logprobs",
+    "combine_terms",
     "distillation_loss",
     "forward_kl",
     "generalized_jsd",
     "hard_ce",
     "kd_loss",
+    "label_weights",
     "reduce_positions",
     "reverse_kl",
     "sampled_cross_entropy",
@@ -79,51 +80,10 @@ __all__ = [
     "top_k_truncate",
     "topk_forward_kl",
     "total_variation",
+    "weighted_sum",
 ]
 
 _NEG_INF = float("-inf")
-
-
-# --------------------------------------------------------------------------------------
-# Data classes
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class SparseTargets:
-    """One chunk of cached teacher targets, aligned with the student's positions.
-
-    ``ids`` [N, k] int (``-1`` = padding), ``logprobs`` [N, k] teacher log-probs at
-    T = 1, ``tail_logmass`` [N] (topk targets; ``None`` = derive it as
-    ``log(1 - sum exp(logprobs))``, less accurate than a cached one), ``counts``
-    [N, k] int (sample targets only; its presence marks the targets as sampled).
-    """
-
-    ids: Tensor
-    logprobs: Tensor
-    tail_logmass: Tensor | None = None
-    counts: Tensor | None = None
-
-    @property
-    def is_sampled(self) -> bool:
-        return self.counts is not None
-
-    def __post_init__(self) -> None:
-        if self.ids.dim() != 2:
-            raise ValueError(f"SparseTargets.ids must be [N, k], got shape {tuple(self.ids.shape)}")
-        if self.logprobs.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTargets.logprobs shape {tuple(self.logprobs.shape)} != ids shape {tuple(self.ids.shape)}"
-            )
-        if self.tail_logmass is not None and self.tail_logmass.shape != self.ids.shape[:1]:
-            raise ValueError(
-                f"SparseTargets.tail_logmass must be [N] = [{self.ids.shape[0]}], "
-                f"got shape {tuple(self.tail_logmass.shape)}"
-            )
-        if self.counts is not None and self.counts.shape != self.ids.shape:
-            raise ValueError(
-                f"SparseTargets.counts shape {tuple(self.counts.shape)} != ids shape {tuple(self.ids.shape)}"
-            )
 
 
 # --------------------------------------------------------------------------------------
@@ -169,20 +129,31 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return _logsumexp(torch.stack([log_a + lw, log_b + l1w], dim=0), dim=0)
 
 
-def reduce_positions(values: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean of per-position ``values`` [N]; with ``weights`` [N] (>= 0): ``sum(w*v) / sum(w)``.
+def weighted_sum(values: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor | int]:
+    """``(numerator, denominator)`` of the mean of per-position ``values`` [N]: ``(sum(v), max(N, 1))``, or with
+    ``weights`` [N] (>= 0) ``(sum(w*v), sum(w))`` (the latter floored at the dtype's tiny).
 
     Positions with weight 0 contribute nothing (not even NaN from an infinite
-    value).  Returns 0 when N = 0 or all weights are 0.  Weights are not checked
-    for negativity (that would force a device sync every step).
+    value).  Weights are not checked for negativity (that would force a device
+    sync every step).  Summing numerators and denominators over chunks gives the
+    mean over all positions (see :func:`combine_terms`).
     """
     if weights is None:
-        return values.sum() / max(values.numel(), 1)
+        return values.sum(), max(values.numel(), 1)
     if weights.shape != values.shape:
         raise ValueError(f"weights shape {tuple(weights.shape)} != per-position shape {tuple(values.shape)}")
     w = weights.to(dtype=values.dtype, device=values.device)
     num = torch.where(w > 0, w * values, torch.zeros_like(values)).sum()
-    return num / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    return num, w.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def reduce_positions(values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean of per-position ``values`` [N]; with ``weights`` [N] (>= 0): ``sum(w*v) / sum(w)``.
+
+    Returns 0 when N = 0 or all weights are 0 (see :func:`weighted_sum`).
+    """
+    num, den = weighted_sum(values, weights)
+    return num / den
 
 
 def _reduce(values: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
@@ -577,9 +548,14 @@ def hard_ce(
     ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="none", ignore_index=ignore_index)
     if reduction == "none":
         return ce
+    return _reduce(ce, label_weights(labels, weights, dtype, ignore_index), reduction)
+
+
+def label_weights(labels: Tensor, weights: Tensor | None, dtype: torch.dtype, ignore_index: int = -100) -> Tensor:
+    """Per-position weights [N] of the cross-entropy term: 0 where ``labels`` is ``ignore_index``, else ``weights``
+    (1 when ``None``), in ``dtype``."""
     keep = (labels != ignore_index).to(dtype)
-    w = keep if weights is None else keep * weights.to(dtype)
-    return _reduce(ce, w, reduction)
+    return keep if weights is None else keep * weights.to(dtype)
 
 
 # One entry per name in LOSS_KINDS: the function, and the LossConfig fields it takes besides the temperature.
@@ -617,6 +593,36 @@ def kd_loss(
                 **settings)
 
 
+def combine_terms(
+    ce_sum: Tensor | None,
+    ce_den: Tensor | int | None,
+    kd_sum: Tensor | None,
+    kd_den: Tensor | int | None,
+    alpha: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``total = alpha * ce_sum / ce_den + (1 - alpha) * kd_sum / kd_den``: the hard/soft mix, written once.
+
+    Each term is a weighted mean given as (numerator, denominator) from :func:`weighted_sum`, over one chunk or
+    summed over chunks.  A term whose coefficient is 0 is skipped (its sums may be ``None``), and a coefficient of 1
+    multiplies nothing, so alpha = 1 is exactly the CE mean and alpha = 0 exactly the KD mean.
+
+    Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"`` means for the terms computed.
+    """
+    parts: dict[str, Tensor] = {}
+    total: Tensor | None = None
+    if alpha > 0:
+        ce = ce_sum / ce_den
+        parts["ce"] = ce.detach()
+        total = ce if alpha == 1 else alpha * ce
+    if alpha < 1:
+        kd = kd_sum / kd_den
+        parts["kd"] = kd.detach()
+        kd_term = kd if alpha == 0 else (1.0 - alpha) * kd
+        total = kd_term if total is None else total + kd_term
+    assert total is not None
+    return total, parts
+
+
 def distillation_loss(
     config: LossConfig,
     student_logits: Tensor,
@@ -635,20 +641,14 @@ def distillation_loss(
     Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"``
     scalars for the terms that were computed.
     """
-    parts: dict[str, Tensor] = {}
-    total: Tensor | None = None
+    ce_sum = ce_den = kd_sum = kd_den = None
     if config.alpha > 0:
         if labels is None:
             raise ValueError(f"alpha={config.alpha} > 0 needs labels for the cross-entropy term")
-        ce = hard_ce(student_logits, labels, weights=weights)
-        parts["ce"] = ce.detach()
-        total = ce if config.alpha == 1 else config.alpha * ce
+        ce = hard_ce(student_logits, labels, reduction="none")
+        ce_sum, ce_den = weighted_sum(ce, label_weights(labels.long(), weights, ce.dtype))
     if config.alpha < 1:
         if targets is None:
             raise ValueError(f"alpha={config.alpha} < 1 needs teacher targets for the distillation term")
-        kd = kd_loss(config, student_logits, targets, weights=weights)
-        parts["kd"] = kd.detach()
-        kd_term = kd if config.alpha == 0 else (1.0 - config.alpha) * kd
-        total = kd_term if total is None else total + kd_term
-    assert total is not None
-    return total, parts
+        kd_sum, kd_den = weighted_sum(kd_loss(config, student_logits, targets, reduction="none"), weights)
+    return combine_terms(ce_sum, ce_den, kd_sum, kd_den, config.alpha)

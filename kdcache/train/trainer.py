@@ -26,17 +26,11 @@ import torch
 
 from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
-from kdcache.teacher.build import load_tokenizer
-from kdcache.teacher.hf import final_hidden_states, output_logits
-from kdcache.train.distributed import (
-    DistillationObjective,
-    Distributed,
-    init_distributed,
-    sync_context,
-    wrap_for_training,
-)
+from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
+from kdcache.train.objective import DistillationObjective
 from kdcache.train.student import (
     load_student,
     make_optimizer,
@@ -90,13 +84,10 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
-        rows, cols = batch.target_mask.nonzero(as_tuple=True)
-        selected = hidden[rows, cols - 1]
-        for start in range(0, selected.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
+            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+        for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
-            targets = _slice_targets(batch.targets, part)
+            targets = batch.targets[part]
             kd_sum += float(kd_loss(kd_only, logits, targets, reduction="none").sum())
             fkl_sum += float(kd_loss(common, logits, targets, reduction="none").sum())
             agree += float((logits.argmax(-1) == targets.ids[:, 0].long()).sum())
@@ -108,15 +99,6 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
     return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
             "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
-
-
-def _slice_targets(targets, part: slice):
-    from kdcache.train.losses import SparseTargets
-
-    def cut(value):
-        return None if value is None else value[part]
-
-    return SparseTargets(cut(targets.ids), cut(targets.logprobs), cut(targets.tail_logmass), cut(targets.counts))
 
 
 def _rng_state() -> dict:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import make_config
 
-import kdcache.train.student_forward as student_forward
+import kdcache.train.objective as objective
+from kdcache.targets import SparseTargets
 from kdcache.teacher.build import build_cache
 from kdcache.tiny import build_qwen2
 from kdcache.train.loader import CacheDataset
-from kdcache.train.losses import LossConfig, SparseTargets, distillation_loss, teacher_confidence_weight
-from kdcache.train.student_forward import chunked_distillation_loss
+from kdcache.train.losses import LossConfig, distillation_loss, teacher_confidence_weight
+from kdcache.train.objective import chunked_distillation_loss
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +121,13 @@ def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size)
 def test_logits_exist_one_chunk_at_a_time_and_are_recomputed_in_backward(batch, monkeypatch):
     batch, vocab = batch
     calls = []
-    original = student_forward.output_logits
+    original = objective.output_logits
 
     def recording(model, hidden):
         calls.append(tuple(hidden.shape))
         return original(model, hidden)
 
-    monkeypatch.setattr(student_forward, "output_logits", recording)
+    monkeypatch.setattr(objective, "output_logits", recording)
     model = student(vocab)
     n, chunk = batch.num_targets, 3
     loss, _ = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask,

@@ -1,0 +1,138 @@
+"""What every part of kdcache does with a transformers causal LM: load it and its tokenizer, pick device and dtype,
+and score chosen positions without full logits (hidden states of the positions that predict targets, then the LM head
+a chunk of rows at a time).
+
+The teacher backend, the trainer and the evaluator all import these, so a teacher, a student and an evaluated model
+see the same LM head (with the logit scale / soft-cap some architectures apply) and the same error messages.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from kdcache.errors import BadInputError
+
+__all__ = [
+    "DTYPES",
+    "decoder_of",
+    "final_hidden_states",
+    "load_causal_lm",
+    "load_tokenizer",
+    "output_logits",
+    "resolve_device",
+    "resolve_dtype",
+    "row_chunks",
+    "target_hidden_states",
+]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ device and dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise BadInputError(f"unknown device {name!r} ({exc}); use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a weight dtype name (`float32`, `float16`, `bfloat16`)."""
+    if name not in DTYPES:
+        raise BadInputError(f"unknown dtype {name!r}; choose one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A tokenizer from a local folder or a hub id already downloaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load the tokenizer '{name}': {exc}") from None
+
+
+def load_causal_lm(name: str, revision: str | None = None, dtype: str = "float32", device: torch.device | None = None,
+                   trust_remote_code: bool = False):
+    """A causal LM from a local folder or a hub id, in eval mode, with SDPA attention where available.
+
+    ``device=None`` leaves it where transformers loads it (the CPU), for callers that change it first (an adapter).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot load the model '{name}': {exc}. Give a local folder with config and weights, or a hub id "
+            "whose weights are already downloaded"
+        ) from None
+    return model.eval() if device is None else model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------- hidden states and the head
+
+
+def decoder_of(model) -> torch.nn.Module | None:
+    """The model's decoder stack (its final norm included, no LM head), or None when it exposes none apart from
+    itself."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", None)
+    return None if decoder is None or decoder is model else decoder
+
+
+def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The decoder's last hidden states [B, L, H] (after its final norm), without computing any logits."""
+    decoder = decoder_of(model)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} exposes no decoder apart from its LM head (get_decoder())")
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor) -> Tensor:
+    """Final hidden states ``[N, H]`` that predict the target tokens: position ``t - 1`` for each target ``t``,
+    in row-major order of ``target_mask`` [B, L] (the cache's order: example by example, positions ascending)."""
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    if cols.numel() and bool((cols == 0).any()):
+        raise ValueError("position 0 cannot be a target: nothing before it predicts it")
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    return hidden[rows, cols - 1]
+
+
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """Logits [n, rows of the LM head] of final hidden states [n, H], with the scale / soft-cap some architectures
+    apply. Columns past the tokenizer's vocabulary (embedding padding) are the caller's to drop."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``chunk_size`` rows covering ``range(num_rows)``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, num_rows, chunk_size):
+        yield slice(start, min(start + chunk_size, num_rows))

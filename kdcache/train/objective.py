@@ -1,0 +1,201 @@
+"""The student's training objective: the distillation loss without full logits, as one module DDP can wrap.
+
+A plain forward pass materialises ``[B, L, V]`` logits (for a 150k-token vocabulary and 8k tokens that is 4.9 GB in
+float32, before softmax intermediates and their gradients). Here only the ``N`` hidden states that predict target
+tokens are projected, ``chunk_size`` rows at a time, and each chunk runs under activation checkpointing, so its
+logits are freed right after its loss terms are summed and recomputed one chunk at a time in backward. Peak memory of
+the head/loss part is a small multiple of ``chunk_size x V`` in forward and in backward.
+
+Each chunk contributes the numerators of the CE and KD weighted means; the denominators are computed once over all N
+positions, and :func:`kdcache.train.losses.combine_terms` mixes the two means exactly as ``distillation_loss`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from kdcache.modeling import output_logits, row_chunks, target_hidden_states
+from kdcache.targets import SparseTargets
+from kdcache.train.losses import (
+    LossConfig,
+    combine_terms,
+    hard_ce,
+    kd_loss,
+    label_weights,
+    teacher_confidence_weight,
+    weighted_sum,
+)
+
+__all__ = ["DistillationObjective", "chunked_distillation_loss"]
+
+
+@dataclass
+class _Rows:
+    """The per-position inputs of the loss terms, [N, ...] each on the hidden states' device; ``None`` where a term
+    is off (targets and kd_weights for alpha = 1, labels and ce_weights for alpha = 0) or unweighted (kd_weights)."""
+
+    hidden: Tensor  # [N, H]
+    targets: SparseTargets | None
+    labels: Tensor | None  # long [N]
+    ce_weights: Tensor | None  # [N]: 0 at ignored labels, else the position weight
+    kd_weights: Tensor | None  # [N]
+
+    def __getitem__(self, rows: slice) -> _Rows:
+        def cut(x):
+            return None if x is None else x[rows]
+
+        return _Rows(self.hidden[rows], cut(self.targets), cut(self.labels), cut(self.ce_weights),
+                     cut(self.kd_weights))
+
+
+def _check_vocab_size(model, vocab_size: int | None) -> None:
+    rows_in_head = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and not 0 < vocab_size <= rows_in_head:
+        raise ValueError(f"vocab_size={vocab_size} but the student's LM head has {rows_in_head} rows")
+
+
+def _loss_dtype(model) -> torch.dtype:
+    """The losses' compute dtype for this student's logits: float64 for a float64 head, else float32."""
+    return torch.float64 if model.get_output_embeddings().weight.dtype == torch.float64 else torch.float32
+
+
+def _loss_rows(hidden: Tensor, input_ids: Tensor, target_mask: Tensor, targets: SparseTargets | None,
+               labels: Tensor | None, weights: Tensor | None, alpha: float, dtype: torch.dtype) -> _Rows:
+    """Check the inputs against the N selected positions and put them on the hidden states' device.
+
+    Labels default to the tokens at the target positions; weights carry no gradient.
+    """
+    n, device = hidden.shape[0], hidden.device
+    use_ce, use_kd = alpha > 0, alpha < 1
+    if use_kd:
+        if targets is None:
+            raise ValueError(f"alpha={alpha} < 1 needs teacher targets for the distillation term")
+        if targets.num_rows != n:
+            raise ValueError(f"targets have {targets.num_rows} rows but target_mask marks {n} positions")
+    if use_ce and labels is None:
+        rows, cols = target_mask.nonzero(as_tuple=True)
+        labels = input_ids[rows, cols]
+    if use_ce and labels.shape != (n,):
+        raise ValueError(f"labels must be [N] = [{n}], got shape {tuple(labels.shape)}")
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"weights must be [N] = [{n}], got shape {tuple(weights.shape)}")
+    w = None if weights is None else weights.detach().to(device=device, dtype=dtype)
+    ce_weights = None
+    if use_ce:
+        labels = labels.to(device=device, dtype=torch.long)
+        ce_weights = label_weights(labels, w, dtype)
+    return _Rows(hidden, targets.to(device) if use_kd else None, labels if use_ce else None, ce_weights,
+                 w if use_kd else None)
+
+
+def _denominators(rows: _Rows, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The global denominators (no gradient) of the CE and KD means over all N positions, as tensors."""
+    tiny = torch.finfo(dtype).tiny
+    ce_den = None if rows.ce_weights is None else rows.ce_weights.sum().clamp_min(tiny)
+    kd_den = None
+    if rows.targets is not None:
+        n = rows.hidden.shape[0]
+        kd_den = (torch.tensor(float(max(n, 1)), dtype=dtype, device=rows.hidden.device) if rows.kd_weights is None
+                  else rows.kd_weights.sum().clamp_min(tiny))
+    return ce_den, kd_den
+
+
+def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype, rows: _Rows) -> Tensor:
+    """``[ce_sum, kd_sum]`` (``dtype``) of one chunk: its LM-head logits, then each term's weighted sum (0 when off)."""
+    logits = output_logits(model, rows.hidden)
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:, :vocab_size]
+    ce_sum = kd_sum = logits.new_zeros((), dtype=dtype)
+    if rows.labels is not None:
+        ce_sum, _ = weighted_sum(hard_ce(logits, rows.labels, reduction="none"), rows.ce_weights)
+    if rows.targets is not None:
+        kd_sum, _ = weighted_sum(kd_loss(loss_config, logits, rows.targets, reduction="none"), rows.kd_weights)
+    return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
+
+
+def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype, rows: _Rows,
+                        chunk_size: int, checkpoint_chunks: bool) -> Tensor:
+    """``[ce_sum, kd_sum]`` over all rows, one chunk of logits at a time (recomputed in backward when checkpointed)."""
+    hidden = rows.hidden
+    sums = (hidden.sum() * 0.0).to(dtype).expand(2)  # keeps the graph connected when there are no targets
+    recompute = checkpoint_chunks and torch.is_grad_enabled() and hidden.requires_grad
+    for part in row_chunks(hidden.shape[0], chunk_size):
+        if recompute:
+            sums = sums + checkpoint(_chunk_sums, model, loss_config, vocab_size, dtype, rows[part],
+                                     use_reentrant=False)
+        else:
+            sums = sums + _chunk_sums(model, loss_config, vocab_size, dtype, rows[part])
+    return sums
+
+
+def chunked_distillation_loss(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_mask: Tensor,
+    targets: SparseTargets | None,
+    labels: Tensor | None,
+    loss_config: LossConfig,
+    chunk_size: int = 1024,
+    *,
+    vocab_size: int | None = None,
+    weights: Tensor | None = None,
+    checkpoint_chunks: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``alpha * CE(labels) + (1 - alpha) * KD`` over all target positions, equal to
+    :func:`kdcache.train.losses.distillation_loss` on the gathered full logits, without ever building them.
+
+    input_ids, attention_mask, target_mask: [B, L] (right padding); targets: [N] rows in row-major order of
+    ``target_mask`` (as :class:`kdcache.train.loader.CacheBatch` has them); labels: [N] target token ids (``None``:
+    taken from ``input_ids`` at the target positions; -100 = leave out of CE).
+    vocab_size: the tokenizer's vocabulary size (the cache's ``manifest['tokenizer']['vocab_size']``); logit columns
+        past it (embedding padding rows, e.g. 151,936 rows for 151,665 tokens) are dropped before the softmax.
+        ``None`` keeps every row of the LM head.
+    weights: optional [N] per-position weights (weighted means, as in ``distillation_loss``).
+    checkpoint_chunks: recompute each chunk's logits in backward (set False only to trade memory for speed).
+
+    Normalisation is global, not per chunk: each term is ``sum_i w_i l_i / sum_i w_i`` over all N positions (CE also
+    skipping labels of -100). Returns ``(loss, parts)`` with detached ``"ce"`` / ``"kd"`` for the computed terms.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_vocab_size(model, vocab_size)
+    dtype = _loss_dtype(model)
+    hidden = target_hidden_states(model, input_ids, attention_mask, target_mask)
+    rows = _loss_rows(hidden, input_ids, target_mask, targets, labels, weights, loss_config.alpha, dtype)
+    ce_den, kd_den = _denominators(rows, dtype)
+    sums = _summed_over_chunks(model, loss_config, vocab_size, dtype, rows, chunk_size, checkpoint_chunks)
+    return combine_terms(sums[0], ce_den, sums[1], kd_den, loss_config.alpha)
+
+
+class DistillationObjective(nn.Module):
+    """The student plus its chunked distillation loss as one module, so DDP sees the whole forward pass.
+
+    The loss never calls ``model(...)``: it runs the decoder (``get_decoder()``) and projects target positions through
+    the LM head chunk by chunk (:func:`chunked_distillation_loss`). Wrapping the bare student in DDP would leave
+    ``DistributedDataParallel.forward`` unused, and DDP only prepares its gradient reducer (buckets, the
+    bucket-by-bucket all-reduce overlapped with backward) inside its own forward. Making the loss computation this
+    module's ``forward`` puts every parameter use, the LM head under activation checkpointing included, inside
+    ``DDP.forward``; gradient accumulation uses DDP's ``no_sync()`` on all but the last micro-batch. Checkpointing is
+    non-reentrant throughout (the chunked head and the decoder's), which DDP supports.
+    """
+
+    def __init__(self, model: nn.Module, losses: LossConfig, chunk_size: int, vocab_size: int,
+                 confidence_weight: bool):
+        super().__init__()
+        self.model = model
+        self.losses = losses
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+        self.confidence_weight = confidence_weight
+
+    def forward(self, batch):
+        """``(loss, parts)`` for one micro-batch (a :class:`kdcache.train.loader.CacheBatch` on the model's device)."""
+        weights = teacher_confidence_weight(batch.targets) if self.confidence_weight else None
+        return chunked_distillation_loss(
+            self.model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
+            self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights)
