@@ -64,6 +64,16 @@ class SparsifierConfig:
     temperature: float = 1.0  # `sample` only: draws come from softmax(logits / temperature)
     seed: int = 0  # `sample` only
     logprob_dtype: Literal["float32", "float16"] = "float32"
+    # `topk` only: temperatures besides 1 at which the tail's exact log-partition is stored (4 bytes each per
+    # target), so a trainer at any of them is exact (kdcache/tempering.py); [] stores none (T = 1 only).
+    tail_temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TAIL_TEMPERATURES))
+
+    def __post_init__(self) -> None:
+        for value in self.tail_temperatures:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ConfigValueError("tail_temperatures", "a list of positive finite numbers", self.tail_temperatures)
+        # One spelling per grid: sorted, without repeats, without 1 (the tail log-mass is the T = 1 value).
+        self.tail_temperatures = sorted({float(t) for t in self.tail_temperatures if float(t) != 1.0})
 
 
 @dataclass
@@ -246,6 +256,14 @@ class LoraConfig:
 
 #: The distillation losses (docs/losses.md): `LossConfig.kind`, `kdcache train --loss` and `losses.kd_loss` all
 #: take their names from this one list.
+#: Temperatures (besides 1) whose tail log-partition a build stores by default: the published recipes use 0.7
+#: (GPT-2 accounting QA) and 2 (UPSC); 1.5, 3 and 4 cover the usual ablation range.
+DEFAULT_TAIL_TEMPERATURES: tuple[float, ...] = (0.7, 1.5, 2.0, 3.0, 4.0)
+
+TailMode = Literal["exact", "interpolate", "single_atom"]
+#: How a trainer gets the teacher's tail at its temperature (kdcache/tempering.py, docs/losses.md).
+TAIL_MODES: tuple[str, ...] = typing.get_args(TailMode)
+
 LossKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "topk_forward_kl",
                    "sampled_ce"]
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
@@ -264,6 +282,10 @@ class LossConfig:
     top_k: use only the first k' <= k cached entries of topk targets; the dropped entries' mass is folded exactly
         into the tail bucket (``None`` = all).
     confidence_weight: weight positions by the teacher's top-1 probability.
+    tail_mode: how the teacher's tail is tempered at T != 1: ``exact`` (the cache's stored tail at T; other
+        temperatures are refused), ``interpolate`` (between stored temperatures, with a bounded error) or
+        ``single_atom`` (the tail tempered as one token: the inexact pre-v2 behaviour, for old caches and
+        comparisons).
     """
 
     kind: LossKind = "forward_kl"
@@ -273,8 +295,11 @@ class LossConfig:
     beta: float = 0.5
     top_k: int | None = None
     confidence_weight: bool = False
+    tail_mode: TailMode = "exact"
 
     def __post_init__(self) -> None:
+        if self.tail_mode not in TAIL_MODES:
+            raise ConfigValueError("tail_mode", f"one of {', '.join(TAIL_MODES)}", self.tail_mode)
         if self.kind not in LOSS_KINDS:
             raise ConfigValueError("kind", f"one of {', '.join(LOSS_KINDS)}", self.kind)
         if not (self.temperature > 0 and math.isfinite(self.temperature)):

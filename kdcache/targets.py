@@ -27,13 +27,16 @@ class SparseTargets:
     ``ids`` [N, k] int (``-1`` = padding), ``logprobs`` [N, k] teacher log-probs at
     T = 1, ``tail_logmass`` [N] (topk targets; ``None`` = derive it as
     ``log(1 - sum exp(logprobs))``, less accurate than a cached one), ``counts``
-    [N, k] int (sample targets only; its presence marks the targets as sampled).
+    [N, k] int (sample targets only; its presence marks the targets as sampled), ``tail_grid`` [N, G] the tail's
+    log-partition at each of the G ``tail_temperatures`` (see :mod:`kdcache.tempering`; ``None`` = none stored).
     """
 
     ids: Tensor
     logprobs: Tensor
     tail_logmass: Tensor | None = None
     counts: Tensor | None = None
+    tail_grid: Tensor | None = None
+    tail_temperatures: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 2:
@@ -46,6 +49,11 @@ class SparseTargets:
             raise ValueError(
                 f"SparseTargets.tail_logmass must be [N] = [{self.ids.shape[0]}], "
                 f"got shape {tuple(self.tail_logmass.shape)}"
+            )
+        if self.tail_grid is not None and self.tail_grid.shape != (self.ids.shape[0], len(self.tail_temperatures)):
+            raise ValueError(
+                f"SparseTargets.tail_grid must be [N, G] = [{self.ids.shape[0]}, {len(self.tail_temperatures)}] "
+                f"(one column per tail temperature), got shape {tuple(self.tail_grid.shape)}"
             )
         if self.counts is not None and self.counts.shape != self.ids.shape:
             raise ValueError(
@@ -64,7 +72,8 @@ class SparseTargets:
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> SparseTargets:
         """``fn`` applied to every tensor present (absent ones stay ``None``)."""
-        return SparseTargets(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+        return SparseTargets(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), Tensor) else v
+                                for f in fields(self)})
 
     def to(self, device: torch.device | str | None = None, *, non_blocking: bool = False) -> SparseTargets:
         """Every tensor on ``device`` (dtypes unchanged)."""
@@ -82,8 +91,14 @@ class SparseTargets:
         if not parts:
             raise ValueError("SparseTargets.cat needs at least one part, got none")
 
-        def joined(name: str) -> Tensor | None:
+        temperatures = {p.tail_temperatures for p in parts}
+        if len(temperatures) > 1:
+            raise ValueError(f"SparseTargets.cat parts must have the same tail temperatures, got {sorted(temperatures)}")
+
+        def joined(name: str) -> Tensor | tuple | None:
             values = [getattr(p, name) for p in parts]
+            if name == "tail_temperatures":
+                return values[0]
             present = [v is not None for v in values]
             if any(present) != all(present):
                 raise ValueError(f"SparseTargets.cat parts must all have {name} or all lack it, got a mix")

@@ -29,25 +29,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdcache.config import DEFAULT_TAIL_TEMPERATURES, TAIL_MODES
+
 __all__ = [
     "DEFAULT_TAIL_TEMPERATURES",
     "TAIL_MODES",
     "TemperatureNotCached",
-    "grid_temperatures",
     "interpolation_bound",
     "single_atom_tail",
     "tail_at_temperature",
     "tail_log_partitions",
 ]
-
-#: Temperatures (besides 1) whose tail log-partition a build stores by default: the published recipes use
-#: 0.7 (GPT-2 accounting QA) and 2 (UPSC); 1.5, 3 and 4 cover the usual ablation range.
-DEFAULT_TAIL_TEMPERATURES: tuple[float, ...] = (0.7, 1.5, 2.0, 3.0, 4.0)
-
-#: How a trainer gets the tail at its temperature: ``exact`` (a cached temperature, else refuse), ``interpolate``
-#: (convex interpolation with a bound, between cached temperatures), ``single_atom`` (the pre-v2 approximation
-#: ``tau(1) / T``, kept for comparison with old runs; wrong at T != 1 when k < V).
-TAIL_MODES: tuple[str, ...] = ("exact", "interpolate", "single_atom")
 
 _REL_TOL = 1e-6
 
@@ -207,14 +199,3 @@ def interpolation_bound(
     chord, lower = _interpolate(b, tau, 1.0 / temperature)
     gap = chord - lower
     return torch.where(torch.isneginf(tail_logmass), torch.zeros_like(gap), gap)
-
-
-def grid_temperatures(values: Sequence[float]) -> tuple[float, ...]:
-    """Validated, sorted, de-duplicated grid without 1 (which the tail log-mass already is)."""
-    out = []
-    for value in values:
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-            raise ValueError(f"tail temperatures must be positive finite numbers, got {value!r}")
-        if abs(value - 1.0) > _REL_TOL and _grid_index(out, float(value)) is None:
-            out.append(float(value))
-    return tuple(sorted(out))

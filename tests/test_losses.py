@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.targets import SparseTargets
+from kdcache.tempering import TemperatureNotCached
 from kdcache.train import losses as L
 from kdcache.train.losses import LossConfig
 
@@ -16,6 +17,7 @@ BUCKET_KINDS = ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl"
 DIVERGENCE_KINDS = BUCKET_KINDS + ["topk_forward_kl"]
 SKEW = 0.2
 BETA = 0.3
+TEMPS = (0.5, 0.7, 1.5, 2.0, 3.0, 4.0)  # cached tail temperatures of the targets built here (besides 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,8 +53,9 @@ def dense_reference(kind, teacher_logits, student_logits, T):
     return ref_divergence(kind, q, p, T)
 
 
-def bucket_reference(kind, teacher_logits, student_logits, k, T):
-    """The (k+1)-bucket loss built by hand from dense softmaxes (tail = 1 - sum)."""
+def bucket_reference(kind, teacher_logits, student_logits, k, T, single_atom=False):
+    """The (k+1)-bucket loss built by hand from dense softmaxes: the teacher tempered token by token, then summed
+    over the tail (``single_atom``: the pre-v2 approximation, the T = 1 tail mass tempered as one atom)."""
     qd = torch.softmax(teacher_logits.double(), -1)
     ids = qd.argsort(-1, descending=True)[:, :k]
     pd = torch.softmax(student_logits.double() / T, -1)
@@ -61,23 +64,32 @@ def bucket_reference(kind, teacher_logits, student_logits, k, T):
         pk = pd.gather(1, ids)
         return ref_divergence(kind, qk / qk.sum(-1, keepdim=True), pk / pk.sum(-1, keepdim=True), T)
     qk = qd.gather(1, ids)
-    qb = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], 1) ** (1 / T)
+    if single_atom:
+        qb = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], 1) ** (1 / T)
+    else:
+        qt = qd ** (1 / T)
+        qtk = qt.gather(1, ids)
+        qb = torch.cat([qtk, qt.sum(-1, keepdim=True) - qtk.sum(-1, keepdim=True)], 1)
     qb = qb / qb.sum(-1, keepdim=True)
     pk = pd.gather(1, ids)
     pb = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], 1)
     return ref_divergence(kind, qb, pb, T)
 
 
-def make_targets(teacher_logits, k) -> SparseTargets:
-    """topk targets as the cache would store them (tail from the sorted remainder)."""
+def make_targets(teacher_logits, k, temperatures=TEMPS) -> SparseTargets:
+    """topk targets as the cache would store them (tail and its log-partition at each cached temperature from the
+    sorted remainder)."""
     lp = torch.log_softmax(teacher_logits, -1)
     srt, order = lp.sort(-1, descending=True)
     V = lp.shape[1]
     if k < V:
         tail = torch.logsumexp(srt[:, k:], -1)
+        grid = torch.stack([torch.logsumexp(srt[:, k:] / t, -1) for t in temperatures], 1)
     else:
         tail = torch.full((lp.shape[0],), float("-inf"), dtype=lp.dtype)
-    return SparseTargets(ids=order[:, :k].clone(), logprobs=srt[:, :k].clone(), tail_logmass=tail)
+        grid = torch.full((lp.shape[0], len(temperatures)), float("-inf"), dtype=lp.dtype)
+    return SparseTargets(ids=order[:, :k].clone(), logprobs=srt[:, :k].clone(), tail_logmass=tail,
+                         tail_grid=grid if temperatures else None, tail_temperatures=tuple(temperatures))
 
 
 def make_logits(N, V, seed, dtype=torch.float64, scale=2.0):
@@ -114,7 +126,7 @@ def test_k_equals_V_matches_dense(kind, T, dtype):
 
 
 @pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
-@pytest.mark.parametrize("T", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.7, 0.5, 4.0])
 @pytest.mark.parametrize("k", [1, 4, 11])
 def test_k_less_than_V_matches_bucket_reference(kind, T, k):
     N, V = 5, 13
@@ -291,11 +303,8 @@ def test_nonnegative_and_zero_at_equality(kind):
                 assert (vals == 0).all()
             else:
                 assert (vals > 1e-6).all()  # random student differs from the teacher
-        # student == teacher: exactly zero at T = 1; at T != 1 only where the tail
-        # bucket is empty (k = V) or ignored (top-k renormalised), since the tempered
-        # tail is an approximation.
-        temps = (1.0, 2.0) if (k == V or kind == "topk_forward_kl") else (1.0,)
-        for T in temps:
+        # student == teacher: zero at every cached temperature, k < V included (the tail is tempered exactly)
+        for T in (1.0, *TEMPS):
             vals = run_kind(kind, t.clone(), targets, T)
             torch.testing.assert_close(vals, torch.zeros_like(vals), atol=1e-12, rtol=0)
 
@@ -350,8 +359,12 @@ def test_sample_targets_work_with_bucket_losses():
         r_tail = torch.log1p(-r_lp.exp().sum(-1))
         plain = SparseTargets(ids=r_ids, logprobs=r_lp, tail_logmass=r_tail)
         for kind in DIVERGENCE_KINDS:
-            got = run_kind(kind, s, sampled, 2.0)[row]
-            ref = run_kind(kind, s[row : row + 1], plain, 2.0)[0]
+            if kind in L.REVERSE_KINDS:  # refused on targets without a cached tail
+                with pytest.raises(ValueError, match="needs targets with the teacher's tail"):
+                    run_kind(kind, s, sampled, 1.0)
+                continue
+            got = run_kind(kind, s, sampled, 1.0)[row]
+            ref = run_kind(kind, s[row : row + 1], plain, 1.0)[0]
             torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
 
 
@@ -365,9 +378,53 @@ def test_derived_tail_when_not_cached():
     for k in (3, 15):
         cached = make_targets(t, k)
         derived = SparseTargets(ids=cached.ids, logprobs=cached.logprobs)
-        a = L.forward_kl(s, cached, reduction="none", temperature=2.0)
-        b = L.forward_kl(s, derived, reduction="none", temperature=2.0)
+        a = L.forward_kl(s, cached, reduction="none")
+        b = L.forward_kl(s, derived, reduction="none")
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    # a derived tail has no shape: T != 1 is refused unless the old approximation is asked for by name (or k = V)
+    derived = SparseTargets(ids=make_targets(t, 3).ids, logprobs=make_targets(t, 3).logprobs)
+    with pytest.raises(TemperatureNotCached, match="single_atom"):
+        L.forward_kl(s, derived, temperature=2.0)
+    old = L.forward_kl(s, derived, temperature=2.0, tail_mode="single_atom", reduction="none")
+    torch.testing.assert_close(old, bucket_reference("forward_kl", t, s, 3, 2.0, single_atom=True))
+    full = make_targets(t, 15)
+    L.forward_kl(s, SparseTargets(ids=full.ids, logprobs=full.logprobs), temperature=2.0)  # empty tail: fine
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tv"])
+def test_single_atom_mode_is_the_old_approximation_and_far_from_exact(kind):
+    t, s = make_logits(6, 400, seed=21, scale=3.0)
+    targets = make_targets(t, 8)
+    old = run_kind(kind, s, targets, 4.0, tail_mode="single_atom")
+    torch.testing.assert_close(old, bucket_reference(kind, t, s, 8, 4.0, single_atom=True))
+    exact = run_kind(kind, s, targets, 4.0)
+    torch.testing.assert_close(exact, bucket_reference(kind, t, s, 8, 4.0))
+    assert float((old - exact).abs().max()) > 1e-2  # the defect v2 caches remove
+    # student == teacher: the old approximation is not zero, the exact loss is
+    assert float(run_kind(kind, t.clone(), targets, 4.0, tail_mode="single_atom").max()) > 1e-3
+
+
+def test_off_grid_temperature_is_refused_or_interpolated_within_bound():
+    from kdcache.tempering import interpolation_bound
+
+    t, s = make_logits(6, 300, seed=22, scale=3.0)
+    targets = make_targets(t, 8)
+    with pytest.raises(TemperatureNotCached, match="not at T = 2.5"):
+        run_kind("forward_kl", s, targets, 2.5)
+    got = run_kind("forward_kl", s, targets, 2.5, tail_mode="interpolate")
+    ref = bucket_reference("forward_kl", t, s, 8, 2.5)
+    n_tail = torch.full((6,), 292.0, dtype=torch.float64)
+    bound = interpolation_bound(targets.tail_logmass, targets.tail_grid, TEMPS, 2.5, n_tail)
+    assert float(bound.max()) < 0.1
+    # a log-partition error of e moves the teacher's tail bucket by at most a factor e^e: the loss stays close
+    torch.testing.assert_close(got, ref, atol=0.02, rtol=0.02)
+
+
+def test_truncation_folds_every_cached_temperature_into_the_tail():
+    t, s = make_logits(5, 30, seed=23)
+    trunc, direct = L.top_k_truncate(make_targets(t, 12), 5), make_targets(t, 5)
+    torch.testing.assert_close(trunc.tail_grid, direct.tail_grid, atol=1e-12, rtol=1e-12)
+    assert trunc.tail_temperatures == TEMPS
 
 
 def test_teacher_confidence_weight():

@@ -220,7 +220,7 @@ def test_reader_refuses_an_unknown_format_version(damaged):
     manifest = _manifest(damaged)
     manifest["format_version"] = 99
     (damaged / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheFormatError, match="format version 99; this kdcache .* reads format version 1"):
+    with pytest.raises(CacheFormatError, match="format version 99; this kdcache .* reads format versions 1, 2"):
         CacheReader(str(damaged))
     assert "format version 99" in verify_cache(str(damaged)).first_problem
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from kdcache.tempering import (
     TemperatureNotCached,
-    grid_temperatures,
     interpolation_bound,
     single_atom_tail,
     tail_at_temperature,
@@ -112,9 +109,10 @@ def test_rows_without_a_finite_tail_get_minus_inf():
     assert torch.isneginf(out).all() and not torch.isnan(out).any()
 
 
-def test_grid_temperatures_are_validated_sorted_and_exclude_one():
-    assert grid_temperatures([4, 2.0, 1.0, 2.0, 0.7]) == (0.7, 2.0, 4.0)
-    for bad in (0, -1, float("nan"), True, "2"):
-        with pytest.raises(ValueError, match="positive finite"):
-            grid_temperatures([bad])
-    assert math.isclose(1 / 0.7, 1 / grid_temperatures([0.7])[0])
+def test_configured_grid_is_validated_sorted_and_excludes_one():
+    from kdcache.config import ConfigValueError, SparsifierConfig
+
+    assert SparsifierConfig(tail_temperatures=[4, 2.0, 1.0, 2.0, 0.7]).tail_temperatures == [0.7, 2.0, 4.0]
+    for bad in (0, -1, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ConfigValueError, match="tail_temperatures must be a list of positive finite numbers"):
+            SparsifierConfig(tail_temperatures=[bad])

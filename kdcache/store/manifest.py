@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 from kdcache.errors import CacheFormatError, IncompatibleCacheError
-from kdcache.store import FORMAT_VERSION
+from kdcache.store import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from kdcache.store.fingerprint import canonical_json
 from kdcache.store.location import MANIFEST_FILE, PLAN_FILE, CacheLocation
 from kdcache.store.plan import Plan
@@ -192,9 +192,10 @@ def read_manifest(location: CacheLocation) -> Manifest:
 
 def _check_format(location: CacheLocation, data: Any) -> None:
     version = data.get("format_version") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("format") != "kdcache" or version != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") != "kdcache" or version not in READABLE_FORMAT_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise CacheFormatError(
             f"{location.url} has cache format version {version!r}; this kdcache (version "
-            f"{__import__('kdcache').__version__}) reads format version {FORMAT_VERSION} only. Rebuild the cache "
-            "with this version, or use the kdcache version that wrote it"
+            f"{__import__('kdcache').__version__}) reads format versions {readable} only (it writes "
+            f"{FORMAT_VERSION}). Rebuild the cache with this version, or use the kdcache version that wrote it"
         )

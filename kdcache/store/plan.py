@@ -13,7 +13,7 @@ from kdcache.config import CacheBuildConfig, to_dict
 from kdcache.data.encode import uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
-from kdcache.store import FORMAT_VERSION
+from kdcache.store import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
 from kdcache.store.schema import FieldError, Record, check_at_least, omitted_when_none
 
@@ -72,13 +72,15 @@ class TemplateInfo(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class SparsifierInfo(Record):
-    """What is kept of each teacher distribution; `temperature` and `seed` exist for `sample` only."""
+    """What is kept of each teacher distribution; `temperature` and `seed` exist for `sample` only,
+    `tail_temperatures` for `topk` only (absent from format v1 caches: their tail is exact at T = 1 only)."""
 
     kind: Literal["topk", "sample"]
     k: int  # top-k entries kept, or draws per position
     logprob_dtype: Literal["float32", "float16"]
     temperature: float | None = omitted_when_none()
     seed: int | None = omitted_when_none()
+    tail_temperatures: tuple[float, ...] | None = omitted_when_none()
 
     def __post_init__(self) -> None:
         check_at_least(self, "k", 1)
@@ -88,6 +90,11 @@ class SparsifierInfo(Record):
                 raise FieldError(name, f"{kind} for a sample sparsifier", value)
             if self.kind == "topk" and value is not None:
                 raise FieldError(name, "absent for a topk sparsifier", value)
+        if self.kind == "sample" and self.tail_temperatures is not None:
+            raise FieldError("tail_temperatures", "absent for a sample sparsifier", self.tail_temperatures)
+        for t in self.tail_temperatures or ():
+            if not 0 < t < float("inf"):
+                raise FieldError("tail_temperatures", "a list of positive finite numbers", self.tail_temperatures)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,10 +130,16 @@ class Plan(Record):
     generate: GenerateInfo | None = omitted_when_none()  # absent from teacher-forced caches' plans
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
-            raise FieldError("format_version", str(FORMAT_VERSION), self.format_version)
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
+            raise FieldError("format_version", f"one of {READABLE_FORMAT_VERSIONS}", self.format_version)
         for name in ("max_length", "shard_size", "num_shards"):
             check_at_least(self, name, 1)
+
+
+def tail_route_stores_no_grid(config: CacheBuildConfig) -> bool:
+    """vLLM's prompt_logprobs route sees only the top-k log-probs (its tail is derived as 1 - sum), so it cannot
+    store the tail at other temperatures: its caches record no tail temperatures (training at T != 1 is refused)."""
+    return config.teacher.backend == "vllm" and (config.teacher.vllm or {}).get("scoring") == "prompt_logprobs"
 
 
 def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,
@@ -140,6 +153,10 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
     if config.sparsifier.kind == "topk":
         sparsifier.pop("temperature")
         sparsifier.pop("seed")
+        if tail_route_stores_no_grid(config):
+            sparsifier["tail_temperatures"] = ()
+    else:
+        sparsifier.pop("tail_temperatures")
     generate = None
     if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
         generate = GenerateInfo(**to_dict(config.generate), stop_token_ids=tuple(stop_ids or ()))

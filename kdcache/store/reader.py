@@ -27,6 +27,7 @@ class CachedExample:
     tail_logmass: np.ndarray | None  # [targets]
     sample_counts: np.ndarray | None  # [targets, k]
     record: dict
+    tail_tempered: np.ndarray | None = None  # [targets, G]: the tail's log-partition at the cache's tail temperatures
 
     @property
     def key(self) -> tuple[int, int]:
@@ -107,4 +108,5 @@ def split_examples(data: ShardData) -> Iterator[CachedExample]:
             tail_logmass=None if data.tail_logmass is None else data.tail_logmass[s0:s1],
             sample_counts=None if data.sample_counts is None else data.sample_counts[s0:s1],
             record=records[e],
+            tail_tempered=None if data.tail_tempered is None else data.tail_tempered[s0:s1],
         )

@@ -32,6 +32,7 @@ class ShardData:
     tail_logmass: np.ndarray | None  # float32 [targets]; topk sparsifier
     sample_counts: np.ndarray | None  # uint16 [targets, k]; sample sparsifier
     records: pa.Table  # one row per example
+    tail_tempered: np.ndarray | None = None  # float32 [targets, G]: the tail's log-partition at each tail temperature
 
     @property
     def num_examples(self) -> int:
@@ -56,6 +57,7 @@ class ShardData:
             "sparse_logprobs": self.sparse_logprobs,
             "tail_logmass": self.tail_logmass,
             "sample_counts": self.sample_counts,
+            "tail_tempered": self.tail_tempered,
         }
         return {name: value for name, value in named.items() if value is not None}
 
@@ -100,4 +102,5 @@ def read_shard_files(shard_url: str, storage_options: dict | None = None) -> Sha
         tail_logmass=get("tail_logmass"),
         sample_counts=get("sample_counts"),
         records=records,
+        tail_tempered=get("tail_tempered"),
     )

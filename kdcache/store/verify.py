@@ -83,12 +83,37 @@ def _check_arrays(location: CacheLocation, manifest: Manifest, entry: CommitReco
         tolerance = 1e-2 if data.sparse_logprobs.dtype == np.float16 else 1e-3
         if np.any(np.abs(total) > tolerance):
             return f"top-k mass plus tail mass differs from 1 (worst log-sum {np.abs(total).max():.2e})"
+        problem = _check_tail_tempered(data, manifest.sparsifier.tail_temperatures)
+        if problem:
+            return problem
     else:
         counts = data.sample_counts.astype(np.int64)
         if np.any(counts.sum(axis=1) != k):
             return f"sample counts do not add up to the {k} draws per position"
         if np.any((counts > 0) != (data.sparse_ids >= 0)):
             return "sampled ids and counts disagree on which entries are padding"
+    return None
+
+
+def _check_tail_tempered(data, temperatures) -> str | None:
+    """The tail's log-partition tau(1/T) per target: one column per cached temperature, no NaN, and decreasing in
+    1/T (tail log-probs are <= 0, so a lower temperature can only shrink each term): tau(1/T) >= tau(1) for T > 1."""
+    grid = data.tail_tempered
+    if not temperatures:
+        return None if grid is None else "tail_tempered is stored but the manifest lists no tail temperatures"
+    if grid is None or grid.shape != (data.num_targets, len(temperatures)):
+        return f"tail_tempered is missing or not [targets, {len(temperatures)}] (one column per tail temperature)"
+    if np.isnan(grid).any():
+        return "tail_tempered holds NaN"
+    b = np.array([1.0] + [1.0 / t for t in temperatures])
+    tau = np.concatenate([data.tail_logmass.astype(np.float64)[:, None], grid.astype(np.float64)], axis=1)
+    ordered = tau[:, np.argsort(b)]
+    finite = np.isfinite(ordered)
+    steps = np.diff(np.where(finite, ordered, 0.0), axis=1)
+    if np.any(steps[finite[:, 1:] & finite[:, :-1]] > 1e-3):
+        return "tail_tempered is not decreasing in 1/T (a tail log-partition grew as the temperature fell)"
+    if np.any(finite.any(axis=1) & ~finite.all(axis=1)):
+        return "tail_tempered is -inf at some temperatures but not all of a row's"
     return None
 
 

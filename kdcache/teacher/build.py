@@ -23,7 +23,7 @@ from kdcache.errors import BadInputError
 from kdcache.modeling import load_tokenizer
 from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
-from kdcache.store.plan import make_plan
+from kdcache.store.plan import make_plan, tail_route_stores_no_grid
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
 from kdcache.targets import SparseTargets
@@ -115,11 +115,15 @@ class ShardScorer:
         self.config = config
         self.backend = backend
         self.progress = progress
+        # The plan's tail temperatures (none on a route that cannot compute them, see store.plan).
+        no_grid = config.sparsifier.kind != "topk" or tail_route_stores_no_grid(config)
+        self.tail_temperatures: tuple[float, ...] = () if no_grid else tuple(config.sparsifier.tail_temperatures)
 
     def _sparsifier(self, uniforms: torch.Tensor | None):
         spec = self.config.sparsifier
         if spec.kind == "topk":
-            return lambda logits, rows: topk_with_tail(logits, spec.k)
+            temperatures = self.tail_temperatures
+            return lambda logits, rows: topk_with_tail(logits, spec.k, temperatures)
         return lambda logits, rows: sample_with_counts(logits, uniforms[rows], spec.temperature)
 
     def score_shard(self, examples: list[Prepared]) -> list[SparseTargets]:
@@ -169,6 +173,10 @@ class ShardScorer:
             sample_counts=(
                 (merged.counts.numpy() if merged is not None else empty_ids).astype(np.uint16)
                 if spec.kind == "sample" else None
+            ),
+            tail_tempered=(
+                (merged.tail_grid.numpy() if merged is not None else np.zeros((0, len(self.tail_temperatures))))
+                .astype(np.float32) if spec.kind == "topk" and self.tail_temperatures else None
             ),
             records=_records_table(self.config, examples, targets),
         )

@@ -178,9 +178,11 @@ def heldout_mask(example_indices, fraction: float, split_seed: int = 0) -> np.nd
 
 
 def collate_examples(
-    examples: list[CachedExample], pad_id: int = 0, k_prime: int | None = None, pad_to_multiple_of: int = 1
+    examples: list[CachedExample], pad_id: int = 0, k_prime: int | None = None, pad_to_multiple_of: int = 1,
+    tail_temperatures: tuple[float, ...] = (),
 ) -> CacheBatch:
-    """Right-pad examples into a :class:`CacheBatch` (``k_prime``: keep the first k' entries, tail folded exactly)."""
+    """Right-pad examples into a :class:`CacheBatch` (``k_prime``: keep the first k' entries, tail folded exactly;
+    ``tail_temperatures``: the cache's, naming the columns of the examples' ``tail_tempered``)."""
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
     lengths = [len(e.input_ids) for e in examples]
@@ -206,11 +208,16 @@ def collate_examples(
 
     tail = None if examples[0].tail_logmass is None else cat([e.tail_logmass for e in examples], np.float32)
     counts = None if examples[0].sample_counts is None else cat([e.sample_counts for e in examples], np.int64)
+    grid = None
+    if tail_temperatures and examples[0].tail_tempered is not None:
+        grid = cat([e.tail_tempered for e in examples], np.float32)
     targets = SparseTargets(
         ids=cat([e.sparse_ids for e in examples], np.int64),
         logprobs=cat([e.sparse_logprobs for e in examples], np.float32),
         tail_logmass=tail,
         counts=counts,
+        tail_grid=grid,
+        tail_temperatures=tuple(tail_temperatures) if grid is not None else (),
     )
     if k_prime is not None and k_prime < targets.ids.shape[1]:
         targets = top_k_truncate(targets, k_prime).map(Tensor.contiguous)
@@ -492,7 +499,8 @@ class CacheDataset(IterableDataset):
                 if produced < skip:
                     produced += 1
                     continue
-                batch = collate_examples(group, self.pad_id, self.k_prime, self.pad_to_multiple_of)
+                batch = collate_examples(group, self.pad_id, self.k_prime, self.pad_to_multiple_of,
+                                         self.manifest.sparsifier.tail_temperatures or ())
                 batch.epoch, batch.worker = self._epoch, logical
                 batch.load_seconds = time.perf_counter() - t0
                 produced += 1

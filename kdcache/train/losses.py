@@ -15,23 +15,11 @@ for the full derivation).  Two kinds of target are supported:
     (teacher log-probs at the ids; padding entries arbitrary).
 
 All divergences except :func:`topk_forward_kl` and :func:`sampled_cross_entropy`
-are computed on the (k+1)-way *bucket* distribution {id_1, ..., id_k, tail}:
+are computed on the (k+1)-way *bucket* distribution {id_1, ..., id_k, tail}
+(:func:`kdcache.train.buckets.bucket_logprobs`).
 
-* teacher ``q = [exp(logprobs), exp(tail_logmass)]``;
-* student ``p = [softmax(z)[ids], 1 - sum softmax(z)[ids]]`` where the student
-  tail is computed exactly and stably as ``logsumexp`` of the student's
-  log-probabilities with the k ids masked out (not ``log1p(-sum)``).
-
-Temperature T.  The student's bucket log-probs come from ``log_softmax(z / T)``.
-The cached teacher log-probs are at T = 1; the teacher's bucket distribution at
-temperature T is ``softmax([logprobs / T, tail_logmass / T])`` renormalised over
-the k + 1 buckets.  **Approximation:** the tail's internal shape is unknown, so
-the tail is treated as a single atom of mass ``tail^(1/T)`` (before
-renormalisation).  The true tempered tail mass is ``sum_j q_j^(1/T)`` over the
-tail tokens, which is *larger* than ``(sum_j q_j)^(1/T)`` for T > 1 (and smaller
-for T < 1).  The approximation is exact at T = 1 and whenever k = V (empty
-tail).  The teacher buckets are always renormalised, also at T = 1, so that
-rounding in the cached values cannot make ``q`` sum to something other than 1.
+Temperature T: both sides are tempered over the buckets as :mod:`kdcache.train.buckets` describes; the
+teacher's tail at T comes from the cache (exact at the cached temperatures, see ``LossConfig.tail_mode``).
 
 The KL-type losses (forward, reverse, skew, JSD, top-k renormalised, sampled)
 are multiplied by T^2 (Hinton et al. 2015) so that gradient magnitudes stay
@@ -49,9 +37,8 @@ neither NaN values nor NaN gradients.  Half / bfloat16 inputs are upcast to
 float32; float64 inputs are kept in float64.
 """
 
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +46,23 @@ from torch import Tensor
 
 from kdcache.config import LOSS_KINDS, LossConfig
 from kdcache.targets import SparseTargets
+from kdcache.train.buckets import (
+    _check_logits,
+    _compute_dtype,
+    _kl,
+    _log_mixture,
+    _logsumexp,
+    _valid_ids,
+    bucket_logprobs,
+    renormalised_topk_logprobs,
+    teacher_confidence_weight,
+    top_k_truncate,
+)
 
 __all__ = [
     "LOSS_KINDS",
     "LossConfig",
+    "REVERSE_KINDS",
     "bucket_logprobs",
     "combine_terms",
     "distillation_loss",
@@ -82,51 +82,6 @@ __all__ = [
     "total_variation",
     "weighted_sum",
 ]
-
-_NEG_INF = float("-inf")
-
-
-# --------------------------------------------------------------------------------------
-# Numerics helpers
-# --------------------------------------------------------------------------------------
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _logsumexp(x: Tensor, dim: int = -1) -> Tensor:
-    """``logsumexp`` whose value *and gradient* are safe when every input is -inf.
-
-    ``torch.logsumexp`` returns -inf there but back-propagates NaN
-    (``exp(-inf - -inf)``); here the result is -inf with a zero gradient.
-    """
-    m = x.detach().amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum(dim=dim)
-    nonempty = s > 0
-    out = torch.log(torch.where(nonempty, s, torch.ones_like(s))) + m.squeeze(dim)
-    return torch.where(nonempty, out, torch.full_like(out, _NEG_INF))
-
-
-def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Element-wise ``a * (log a - log b)`` with ``0 * log 0 = 0`` (value and gradient)."""
-    empty = torch.isneginf(log_a)
-    la = log_a.masked_fill(empty, 0.0)
-    lb = log_b.masked_fill(empty, 0.0)
-    return torch.where(empty, torch.zeros_like(la), la.exp() * (la - lb))
-
-
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """``KL(a || b)`` over the last dimension, from log-probabilities."""
-    return _kl_terms(log_a, log_b).sum(dim=-1)
-
-
-def _log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
-    """``log(w * a + (1 - w) * b)``, stable, with w in [0, 1]."""
-    lw = math.log(w) if w > 0 else _NEG_INF
-    l1w = math.log1p(-w) if w < 1 else _NEG_INF
-    return _logsumexp(torch.stack([log_a + lw, log_b + l1w], dim=0), dim=0)
 
 
 def weighted_sum(values: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor | int]:
@@ -164,195 +119,6 @@ def _reduce(values: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def _check_logits(student_logits: Tensor, targets: SparseTargets | None = None) -> None:
-    if student_logits.dim() != 2:
-        raise ValueError(f"student_logits must be [N, V], got shape {tuple(student_logits.shape)}")
-    if targets is not None and targets.ids.shape[0] != student_logits.shape[0]:
-        raise ValueError(
-            f"targets have {targets.ids.shape[0]} positions but student_logits has {student_logits.shape[0]}"
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Targets helpers
-# --------------------------------------------------------------------------------------
-
-
-def _valid_ids(targets: SparseTargets, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """(ids clamped to >= 0 for gathering, validity mask) on ``device``; padding = id < 0 or count 0."""
-    ids = targets.ids.to(device=device, dtype=torch.long)
-    valid = ids >= 0
-    if targets.counts is not None:
-        valid = valid & (targets.counts.to(device) > 0)
-    return ids.clamp_min(0), valid
-
-
-def _derived_tail(logprobs: Tensor, valid: Tensor, vocab_size: int) -> Tensor:
-    """``log(1 - sum exp(logprobs))`` for targets cached without a tail.
-
-    Rows that cover the whole vocabulary get -inf.  Other rows get a mass floored
-    at the dtype's epsilon: below that the difference is rounding noise, and a
-    spurious -inf tail would make reverse KL infinite.
-    """
-    lp = logprobs.masked_fill(~valid, _NEG_INF)
-    lse = _logsumexp(lp, dim=-1).clamp_max(0.0)
-    mass = -torch.expm1(lse)  # 1 - sum, accurate when the sum is small
-    eps = torch.finfo(lp.dtype).eps
-    full = valid.sum(dim=-1) >= vocab_size
-    tail = torch.log(mass.clamp_min(eps))
-    return torch.where(full, torch.full_like(tail, _NEG_INF), tail)
-
-
-def top_k_truncate(targets: SparseTargets, k: int) -> SparseTargets:
-    """Keep the first ``k`` cached entries of topk targets, folding the rest into the tail.
-
-    The new tail is ``logsumexp([tail_logmass, logprobs[:, k:]])`` (exact).  With
-    ``tail_logmass=None`` the tail stays ``None`` (it is derived later from the
-    kept entries, which is the same quantity).  ``k`` larger than the cached k is
-    an error; ``k`` equal to it returns ``targets`` unchanged.
-    """
-    if targets.is_sampled:
-        raise ValueError("top_k truncation applies to topk targets, not sampled ones")
-    kc = targets.ids.shape[1]
-    if k < 1 or k > kc:
-        raise ValueError(f"top_k={k} but the cache holds k={kc} entries per position; use 1 <= top_k <= {kc}")
-    if k == kc:
-        return targets
-    tail = targets.tail_logmass
-    if tail is not None:
-        dropped = targets.logprobs[:, k:]
-        dtype = torch.promote_types(dropped.dtype, tail.dtype)
-        dropped = dropped.to(dtype).masked_fill(targets.ids[:, k:] < 0, _NEG_INF)
-        tail = _logsumexp(torch.cat([tail.to(dtype)[:, None], dropped], dim=1), dim=-1)
-    return SparseTargets(ids=targets.ids[:, :k], logprobs=targets.logprobs[:, :k], tail_logmass=tail)
-
-
-def teacher_confidence_weight(targets: SparseTargets) -> Tensor:
-    """Per-position confidence weight ``exp(max_i logprobs_i)`` in [0, 1], shape [N].
-
-    This is the teacher's top-1 probability (at T = 1).  Pass it (or multiply it
-    into your own weights) as ``weights=`` to down-weight positions where the
-    teacher itself is unsure, so that distillation concentrates on tokens the
-    teacher "knows".  It is a heuristic, not part of any divergence, and carries
-    no gradient.  Padding entries are ignored; rows with no valid entry get 0.
-    """
-    _, valid = _valid_ids(targets)
-    lp = targets.logprobs.detach().float().masked_fill(~valid, _NEG_INF)
-    if lp.shape[1] == 0:
-        return torch.zeros(lp.shape[0], dtype=lp.dtype, device=lp.device)
-    return lp.amax(dim=-1).exp()
-
-
-# --------------------------------------------------------------------------------------
-# Bucket distributions
-# --------------------------------------------------------------------------------------
-
-
-class _StudentBuckets(torch.autograd.Function):
-    """Student (k+1)-bucket log-probabilities from logits, with a hand-written backward.
-
-    Autograd through log_softmax + gather + masked logsumexp keeps several [N, V] tensors alive and makes about ten
-    passes over them; this keeps none (the logits are the caller's) and makes about four. Gradient w.r.t. the
-    tempered logits zs = z / T, with p = softmax(zs), g the upstream gradient, G = sum(g) and tail set R:
-    d/dzs_i = -G p_i + g_tail p_i / P_R for i in R, plus g_j where i = ids_j.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, valid: Tensor, temperature: float) -> Tensor:
-        dtype = _compute_dtype(logits)
-        zs = logits.to(dtype) / temperature
-        lse = torch.logsumexp(zs, dim=-1)
-        gathered = zs.gather(1, ids)
-        lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
-        # Padding columns are redirected to column 0's id, so duplicate writes always agree.
-        ids_safe = torch.where(valid, ids, ids[:, :1])
-        valid_safe = valid | valid[:, :1]
-        masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
-                                                      zs.gather(1, ids_safe)))
-        lse_tail = torch.logsumexp(masked, dim=-1)
-        del zs, masked
-        ctx.save_for_backward(logits, ids_safe, valid, valid_safe, lse, lse_tail)
-        ctx.temperature = temperature
-        return torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        logits, ids_safe, valid, valid_safe, lse, lse_tail = ctx.saved_tensors
-        T = ctx.temperature
-        dtype = _compute_dtype(logits)
-        grad = grad.to(dtype)
-        tail_finite = torch.isfinite(lse_tail)
-        g_top = torch.where(valid, grad[:, :-1], torch.zeros_like(grad[:, :-1]))
-        g_tail = torch.where(tail_finite, grad[:, -1], torch.zeros_like(grad[:, -1]))
-        total = g_top.sum(dim=-1) + g_tail
-        zs = logits.to(dtype) / T
-        # p_i / P_R = exp(zs_i - lse_tail) <= 1 on the tail, where it is used; id columns are overwritten below.
-        safe_tail = torch.where(tail_finite, lse_tail, torch.full_like(lse_tail, float("inf")))
-        tail_term = (zs - safe_tail[:, None]).exp_().mul_(g_tail[:, None])
-        tail_term.scatter_(1, ids_safe, torch.where(valid_safe, torch.zeros_like(g_top),
-                                                    tail_term.gather(1, ids_safe)))
-        out = zs.sub_(lse[:, None]).exp_().mul_(-total[:, None]).add_(tail_term)
-        del tail_term
-        out.scatter_add_(1, ids_safe, g_top)
-        return out.div_(T).to(logits.dtype), None, None, None
-
-
-def bucket_logprobs(
-    student_logits: Tensor, targets: SparseTargets, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """The (k+1)-bucket log-distributions ``(log_q, log_p)``, each [N, k+1].
-
-    Column j < k is token ``ids[:, j]``, column k the tail ("everything else").
-    Padding columns (id -1) are -inf on both sides.
-
-    * student: ``log_p[:, j] = log_softmax(z / T)[ids[:, j]]`` and
-      ``log_p[:, k] = logsumexp(log_softmax(z / T)`` with the ids masked out ``)``;
-    * teacher: ``log_q = log_softmax([logprobs / T, tail_logmass / T])`` over the
-      k + 1 buckets (tail treated as a single atom, exact at T = 1 or k = V).
-    """
-    _check_logits(student_logits, targets)
-    n, vocab = student_logits.shape
-    dtype = _compute_dtype(student_logits)
-    T = float(temperature)
-    ids, valid = _valid_ids(targets, student_logits.device)
-
-    # Student (hand-written backward: see _StudentBuckets).
-    log_p = _StudentBuckets.apply(student_logits, ids, valid, T)
-    z = log_p  # device and dtype reference for the teacher side
-
-    # Teacher.
-    t_lp = targets.logprobs.detach().to(dtype=dtype, device=z.device).masked_fill(~valid, _NEG_INF)
-    if targets.tail_logmass is not None:
-        t_tail = targets.tail_logmass.detach().to(dtype=dtype, device=z.device)
-    else:
-        t_tail = _derived_tail(t_lp, valid, vocab)
-    t = torch.cat([t_lp, t_tail[:, None]], dim=1) / T
-    norm = _logsumexp(t, dim=-1)
-    norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
-    log_q = t - norm[:, None]
-    return log_q, log_p
-
-
-def _renormalised_topk_logprobs(
-    student_logits: Tensor, targets: SparseTargets, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-distributions renormalised over the k ids only (no tail)."""
-    _check_logits(student_logits, targets)
-    dtype = _compute_dtype(student_logits)
-    T = float(temperature)
-    ids, valid = _valid_ids(targets, student_logits.device)
-    z = student_logits.to(dtype).gather(1, ids) / T
-    z = z.masked_fill(~valid, _NEG_INF)
-    log_p = z - _logsumexp(z, dim=-1)[:, None]
-    t = targets.logprobs.detach().to(dtype=dtype, device=z.device).masked_fill(~valid, _NEG_INF) / T
-    norm = _logsumexp(t, dim=-1)
-    norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
-    log_q = t - norm[:, None]
-    # Rows with no valid id: make the student row -inf too (the KL term is then 0).
-    log_p = torch.where(torch.isfinite(log_p), log_p, torch.full_like(log_p, _NEG_INF))
-    return log_q, log_p
-
-
 # --------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------
@@ -363,11 +129,12 @@ def forward_kl(
     targets: SparseTargets,
     *,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """Forward KL (Hinton): ``T^2 * KL(q || p) = T^2 * sum_b q_b (log q_b - log p_b)`` over k+1 buckets."""
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     return _reduce(temperature**2 * _kl(log_q, log_p), weights, reduction)
 
 
@@ -376,6 +143,7 @@ def reverse_kl(
     targets: SparseTargets,
     *,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
@@ -384,7 +152,7 @@ def reverse_kl(
     Infinite if the student puts mass on a bucket the teacher gives exactly 0
     (e.g. a finite student tail against a cached tail of -inf with k < V).
     """
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     return _reduce(temperature**2 * _kl(log_p, log_q), weights, reduction)
 
 
@@ -394,6 +162,7 @@ def skew_forward_kl(
     *,
     skew: float = 0.1,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
@@ -403,7 +172,7 @@ def skew_forward_kl(
     """
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew must be in [0, 1), got {skew}")
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     log_m = log_p if skew == 0 else _log_mixture(log_q, log_p, skew)
     return _reduce(temperature**2 * _kl(log_q, log_m), weights, reduction)
 
@@ -414,13 +183,14 @@ def skew_reverse_kl(
     *,
     skew: float = 0.1,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """Skew reverse KL (DistiLLM): ``T^2 * KL(p || a p + (1 - a) q)``; a = 0 is exactly :func:`reverse_kl`."""
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew must be in [0, 1), got {skew}")
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     log_m = log_q if skew == 0 else _log_mixture(log_p, log_q, skew)
     return _reduce(temperature**2 * _kl(log_p, log_m), weights, reduction)
 
@@ -431,6 +201,7 @@ def generalized_jsd(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
@@ -447,7 +218,7 @@ def generalized_jsd(
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     log_m = _log_mixture(log_q, log_p, beta)
     jsd = beta * _kl(log_q, log_m) + (1.0 - beta) * _kl(log_p, log_m)
     return _reduce(temperature**2 * jsd, weights, reduction)
@@ -458,11 +229,12 @@ def total_variation(
     targets: SparseTargets,
     *,
     temperature: float = 1.0,
+    tail_mode: str = "exact",
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """Total variation distance ``0.5 * sum_b |q_b - p_b|`` over k+1 buckets (in [0, 1]; no T^2 factor)."""
-    log_q, log_p = bucket_logprobs(student_logits, targets, temperature)
+    log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
     tv = 0.5 * (log_q.exp() - log_p.exp()).abs().sum(dim=-1)
     return _reduce(tv, weights, reduction)
 
@@ -482,7 +254,7 @@ def topk_forward_kl(
     tail is ignored, so the student is never told how much mass lies outside the
     top-k: this is biased towards over-confident students (see docs/losses.md).
     """
-    log_q, log_p = _renormalised_topk_logprobs(student_logits, targets, temperature)
+    log_q, log_p = renormalised_topk_logprobs(student_logits, targets, temperature)
     return _reduce(temperature**2 * _kl(log_q, log_p), weights, reduction)
 
 
@@ -560,15 +332,17 @@ def label_weights(labels: Tensor, weights: Tensor | None, dtype: torch.dtype, ig
 
 # One entry per name in LOSS_KINDS: the function, and the LossConfig fields it takes besides the temperature.
 _KD_FUNCS = {
-    "forward_kl": (forward_kl, ()),
-    "reverse_kl": (reverse_kl, ()),
-    "skew_forward_kl": (skew_forward_kl, ("skew",)),
-    "skew_reverse_kl": (skew_reverse_kl, ("skew",)),
-    "jsd": (generalized_jsd, ("beta",)),
-    "tv": (total_variation, ()),
+    "forward_kl": (forward_kl, ("tail_mode",)),
+    "reverse_kl": (reverse_kl, ("tail_mode",)),
+    "skew_forward_kl": (skew_forward_kl, ("skew", "tail_mode")),
+    "skew_reverse_kl": (skew_reverse_kl, ("skew", "tail_mode")),
+    "jsd": (generalized_jsd, ("beta", "tail_mode")),
+    "tv": (total_variation, ("tail_mode",)),
     "topk_forward_kl": (topk_forward_kl, ()),
     "sampled_ce": (sampled_cross_entropy, ()),
 }
+#: Kinds that weigh the teacher's tail by the student's tail mass, so a derived tail makes them wrong.
+REVERSE_KINDS: tuple[str, ...] = ("reverse_kl", "skew_reverse_kl")
 if tuple(_KD_FUNCS) != LOSS_KINDS:
     raise ImportError(f"losses.py implements {tuple(_KD_FUNCS)} but config.LOSS_KINDS names {LOSS_KINDS}")
 
@@ -581,7 +355,16 @@ def kd_loss(
     weights: Tensor | None = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """The distillation term selected by ``config.kind`` (with ``config.top_k`` truncation applied)."""
+    """The distillation term selected by ``config.kind`` (with ``config.top_k`` truncation applied).
+
+    Reverse KLs need the teacher's tail: on targets without one (``tail_logmass=None``: sample targets, or topk
+    targets given without a tail) they are refused, since a tail derived as ``1 - sum(top-k)`` is rounding noise
+    for a confident teacher and reverse KL weighs it by the student's tail mass (errors of 1 to 20 nats).
+    """
+    if config.kind in REVERSE_KINDS and targets.tail_logmass is None:
+        raise ValueError(f"kind '{config.kind}' needs targets with the teacher's tail (tail_logmass); these have "
+                         "none, so the tail would be derived as 1 - sum(top-k) and the loss wrong by up to many "
+                         "nats. Use a topk cache built with its tail, or kind forward_kl / jsd")
     if config.kind == "sampled_ce":
         if not targets.is_sampled:
             raise ValueError("kind 'sampled_ce' needs sample targets (with counts); these are topk targets")

@@ -30,7 +30,7 @@ from kdcache.train.losses import (
     weighted_sum,
 )
 
-__all__ = ["DistillationObjective", "chunked_distillation_loss"]
+__all__ = ["DistillationObjective", "check_loss_for_cache", "chunked_distillation_loss"]
 
 
 @dataclass
@@ -199,3 +199,60 @@ class DistillationObjective(nn.Module):
         return chunked_distillation_loss(
             self.model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
             self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights)
+
+
+def check_loss_for_cache(loss: LossConfig, manifest) -> None:
+    """Refuse, before any training step, a loss the cache cannot serve exactly (one line saying what to do).
+
+    manifest: the cache's :class:`kdcache.store.manifest.Manifest`. Checks the temperature against the tail
+    temperatures a topk cache stores (``loss.tail_mode``), reverse KLs against caches whose tail is derived rather
+    than computed (vLLM's prompt_logprobs route, sample caches), ``top_k`` against the cache's k, and the
+    temperature of ``sampled_ce`` against the temperature the samples were drawn at.
+    """
+    from kdcache.errors import BadInputError
+    from kdcache.train.losses import REVERSE_KINDS
+
+    if loss.alpha == 1.0:  # plain fine-tuning reads no teacher targets
+        return
+    sparsifier, T = manifest.sparsifier, loss.temperature
+    derived = sparsifier.kind == "sample" or (manifest.teacher.vllm or {}).get("scoring") == "prompt_logprobs"
+    if loss.kind in REVERSE_KINDS and derived:
+        raise BadInputError(
+            f"loss.kind={loss.kind} needs the teacher's exact tail, but this cache's tail is derived as 1 - sum(top-k) "
+            f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
+            "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
+            "teacher.vllm.scoring=exact")
+    if loss.kind == "sampled_ce":
+        if sparsifier.kind != "sample":
+            raise BadInputError("loss.kind=sampled_ce needs a sample cache (sparsifier.kind=sample); this one is topk")
+        if abs(T - sparsifier.temperature) > 1e-6:
+            raise BadInputError(
+                f"loss.kind=sampled_ce at temperature {T:g}, but the samples were drawn at {sparsifier.temperature:g}: "
+                "sampled targets cannot be re-tempered; train at loss.temperature="
+                f"{sparsifier.temperature:g}, or rebuild the cache with sparsifier.temperature={T:g}")
+        return
+    if loss.top_k is not None and loss.top_k > sparsifier.k:
+        raise BadInputError(f"loss.top_k={loss.top_k} but the cache holds k={sparsifier.k} entries per position; "
+                            f"use loss.top_k <= {sparsifier.k}")
+    if abs(T - 1.0) <= 1e-6 or loss.kind == "topk_forward_kl" or loss.tail_mode == "single_atom":
+        return
+    cached = tuple(sparsifier.tail_temperatures or ())
+    if derived or sparsifier.tail_temperatures is None:
+        if loss.tail_mode == "exact":
+            what = ("is a format v1 cache: it stores the teacher's tail at T = 1 only" if not derived
+                    else "derives its tail from the top-k, so it has the teacher's tail at T = 1 only")
+            raise BadInputError(
+                f"loss.temperature={T:g} but this cache {what}. Rebuild it with this kdcache (a topk cache stores the "
+                "tail at sparsifier.tail_temperatures), or set loss.tail_mode=single_atom to use the old, inexact "
+                "approximation (docs/losses.md)")
+        return
+    if loss.tail_mode == "exact" and not any(abs(T - t) <= 1e-6 * max(1.0, t) for t in cached):
+        shown = ", ".join(f"{t:g}" for t in sorted({1.0, *cached}))
+        raise BadInputError(
+            f"loss.temperature={T:g} but this cache stores the teacher's exact tail at T = {shown} only: train at "
+            f"one of those, rebuild the cache with sparsifier.tail_temperatures including {T:g}, or set "
+            "loss.tail_mode=interpolate (bounded error, docs/losses.md)")
+    if loss.tail_mode == "interpolate" and T < min((1.0, *cached)) * (1 - 1e-6):
+        raise BadInputError(
+            f"loss.temperature={T:g} is below the smallest cached tail temperature ({min((1.0, *cached)):g}), where "
+            "interpolation has no bound: rebuild the cache with sparsifier.tail_temperatures including it")

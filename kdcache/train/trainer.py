@@ -30,7 +30,7 @@ from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_h
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
-from kdcache.train.objective import DistillationObjective
+from kdcache.train.objective import DistillationObjective, check_loss_for_cache
 from kdcache.train.student import (
     load_student,
     make_optimizer,
@@ -276,6 +276,7 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
                   heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
                   world_size=dist.world_size)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
+    check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
