@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     from kdcache.config import CacheBuildConfig, load_config
     from kdcache.data.sources import read_rows
     from kdcache.teacher.build import build_cache, prepare_rows
-    from kdcache.teacher.vllm_backend import VLLMTeacher, start_engine
+    from kdcache.teacher.vllm import VLLMTeacher, start_engine
     from kdcache.tiny import build_qwen2, build_tokenizer, save_model
 
     args = parse_args(argv)

@@ -202,7 +202,7 @@ def make_backend(config: CacheBuildConfig, vocab_size: int):
 
         return HFTeacher(config.teacher, vocab_size)
     if config.teacher.backend == "vllm":
-        from kdcache.teacher.vllm_backend import make_vllm_backend
+        from kdcache.teacher.vllm import make_vllm_backend
 
         return make_vllm_backend(config, vocab_size)
     raise BadInputError(
