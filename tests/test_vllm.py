@@ -192,6 +192,14 @@ def vllm_cache(tmp_path_factory, engine, vllm_teacher, data_file, tokenizer) -> 
 
 
 @pytest.mark.vllm
+def test_vllm_teacher_is_a_teacher_backend(tmp_path, engine, vllm_teacher, data_file, tokenizer):
+    from kdcache.teacher.backend import TeacherBackend
+
+    config = vllm_config(tmp_path / "cache", vllm_teacher, data_file)
+    assert isinstance(backend_for(engine, config, tokenizer), TeacherBackend)
+
+
+@pytest.mark.vllm
 def test_engine_received_the_job_settings(engine):
     config = engine.llm_engine.vllm_config
     assert config.model_config.max_logprobs == 32 and config.model_config.enforce_eager

@@ -7,14 +7,13 @@ prompt_logprobs route. See `kdcache.teacher.vllm` for the two routes and what ea
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
-from kdcache.config import TeacherConfig
+from kdcache.config import GenerateConfig, TeacherConfig
 from kdcache.errors import BadInputError
 from kdcache.targets import SparseTargets
+from kdcache.teacher.backend import Sparsifier
 from kdcache.teacher.vllm.engine import SCORING_ROUTES, require_vllm, scoring_route, start_engine
 from kdcache.teacher.vllm.frontend import install_frontend_capture
 from kdcache.teacher.vllm.worker import REQUEST_KEY
@@ -30,7 +29,7 @@ def target_rows(mask: list[bool]) -> list[int]:
 
 
 class VLLMTeacher:
-    """Scores batches of sequences with a vLLM engine; same interface and output as `HFTeacher`.
+    """A `TeacherBackend` on a vLLM engine; same output as `HFTeacher`.
 
     `score` probes the given sparsifier once (on a row of zeros) to learn k and its kind, then lets vLLM's workers
     produce the top-k + tail for the target rows. `llm` may be passed in to share one engine between builds (tests,
@@ -57,7 +56,7 @@ class VLLMTeacher:
             )
         self.lm_head_rows = rows
 
-    def _probe(self, sparsify: Callable[[torch.Tensor, slice], SparseTargets]) -> int:
+    def _probe(self, sparsify: Sparsifier) -> int:
         probe = sparsify(torch.zeros((1, self.vocab_size)), slice(0, 1))
         if probe.tail_logmass is None:
             raise BadInputError(
@@ -71,7 +70,7 @@ class VLLMTeacher:
         self,
         batch_ids: list[list[int]],
         batch_masks: list[list[bool]],
-        sparsify: Callable[[torch.Tensor, slice], SparseTargets],
+        sparsify: Sparsifier,
     ) -> list[SparseTargets]:
         """Sparse targets for every target row of the batch, in (example, position) order (one chunk per example)."""
         from vllm import SamplingParams
@@ -109,7 +108,8 @@ class VLLMTeacher:
                 chunks[i] = self._from_flat(output, rows_per_example[i], k)
         return chunks
 
-    def generate(self, prompts: list[list[int]], settings, seeds: list[int], stop_ids: list[int]) -> list[list[list[int]]]:
+    def generate(self, prompts: list[list[int]], settings: GenerateConfig, seeds: list[int],
+                 stop_ids: list[int]) -> list[list[list[int]]]:
         """The teacher's answers: per prompt, `settings.num_samples` lists of token ids (stop token included).
 
         One request per prompt with n = num_samples and the prompt's own seed (vLLM draws a seeded request from its
