@@ -54,10 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-UPSC = [REPO / "examples" / "upsc" / "golden.jsonl", REPO / "examples" / "upsc" / "silver.jsonl"]
-PROMPT = "Title: {title}\nArticle: {text}\nWhich GS paper?"
-TARGET = " {gs_paper}"
+from common import PROMPT, TARGET, cpu_name, upsc_rows, write_data  # noqa: E402  (benchmarks/common.py)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -142,12 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine_line(device: torch.device, threads: int) -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     import transformers
     import zarr
 
@@ -157,25 +149,6 @@ def machine_line(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         text += f" ({torch.cuda.get_device_name(device)})"
     return text
-
-
-def upsc_rows() -> list[dict]:
-    rows = []
-    for path in UPSC:
-        rows.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return rows
-
-
-def write_data(path: Path, base: list[dict], n: int) -> None:
-    """n rows cycling the base rows; a repeat gets '#c' on its id and ' (c)' on its text, so every row differs."""
-    with open(path, "w") as handle:
-        for i in range(n):
-            row = dict(base[i % len(base)])
-            cycle = i // len(base)
-            if cycle:
-                row["id"] = f"{row['id']}#{cycle}"
-                row["text"] = f"{row['text']} ({cycle})"
-            handle.write(json.dumps(row) + "\n")
 
 
 def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, logprob_dtype: str = "float32"):
@@ -381,7 +354,6 @@ def phase_timers():
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if _backend(argv) == "vllm":  # the vLLM engine is benchmarked by its own script, with its own options
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import vllm_cache_build
 
         vllm_cache_build.main(argv)

@@ -37,12 +37,10 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_build import upsc_rows, write_data  # noqa: E402  (the same data as the transformers benchmark)
-PROMPT = "Title: {title}\nArticle: {text}\nWhich GS paper?"
-TARGET = " {gs_paper}"
+from common import PROMPT, REPO, TARGET, cpu_name, upsc_rows, write_data  # noqa: E402  (benchmarks/common.py)
+
+sys.path.insert(0, str(REPO))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +81,7 @@ def main(argv=None) -> dict:
     from kdcache.config import CacheBuildConfig, load_config
     from kdcache.data.sources import read_rows
     from kdcache.teacher.build import build_cache, prepare_rows
-    from kdcache.teacher.vllm_backend import VLLMTeacher, start_engine
+    from kdcache.teacher.vllm import VLLMTeacher, start_engine
     from kdcache.tiny import build_qwen2, build_tokenizer, save_model
 
     args = parse_args(argv)
@@ -188,8 +186,7 @@ def main(argv=None) -> dict:
                          "max_tail_diff": report.max_tail_diff}
         import vllm
 
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "unknown CPU")
+        cpu = cpu_name()
         result = {
             "machine": f"{cpu}, {os.cpu_count()} cores, vllm {vllm.__version__}, torch {torch.__version__}, "
                        f"Python {platform.python_version()}",

@@ -61,7 +61,6 @@ def _write_split(source: Path, out: Path, limit: int | None, words: int) -> str:
 
 def train_teacher_on_labels(model, tokenizer, data_file: str, steps: int, seed: int = 0) -> None:
     """Plain cross-entropy on the answer tokens: makes the stand-in teacher better than chance."""
-    from kdcache.targets import SparseTargets
     from kdcache.train.losses import LossConfig
     from kdcache.train.objective import chunked_distillation_loss
 
@@ -82,9 +81,8 @@ def train_teacher_on_labels(model, tokenizer, data_file: str, steps: int, seed: 
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             attention[row, : len(e.input_ids)] = 1
             mask[row, : len(e.input_ids)] = torch.tensor(e.target_mask)
-        empty = SparseTargets(ids=torch.zeros(int(mask.sum()), 1, dtype=torch.long),
-                              logprobs=torch.zeros(int(mask.sum()), 1))
-        loss, _ = chunked_distillation_loss(model, ids, attention, mask, empty, ids[mask], LossConfig(alpha=1.0))
+        # alpha = 1: cross-entropy only, so no teacher targets.
+        loss, _ = chunked_distillation_loss(model, ids, attention, mask, None, ids[mask], LossConfig(alpha=1.0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

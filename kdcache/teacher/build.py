@@ -27,6 +27,7 @@ from kdcache.store.plan import make_plan, tail_route_stores_no_grid
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
 from kdcache.targets import SparseTargets
+from kdcache.teacher.backend import TEACHER_BACKENDS, TeacherBackend
 from kdcache.teacher.generate import check_generate_config, generate_answers, stop_token_ids
 from kdcache.teacher.sparsify import example_uniforms, sample_with_counts, topk_with_tail
 
@@ -111,7 +112,7 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
 class ShardScorer:
     """Runs a backend over one shard's examples in length-sorted batches and assembles the shard's arrays."""
 
-    def __init__(self, config: CacheBuildConfig, backend, progress=None):
+    def __init__(self, config: CacheBuildConfig, backend: TeacherBackend, progress=None):
         self.config = config
         self.backend = backend
         self.progress = progress
@@ -204,18 +205,17 @@ class BuildProgress:
         self.bar.close()
 
 
-def make_backend(config: CacheBuildConfig, vocab_size: int):
+def make_backend(config: CacheBuildConfig, vocab_size: int) -> TeacherBackend:
+    """The teacher backend that `teacher.backend` names, loaded (vocab_size: the tokenizer's size)."""
     if config.teacher.backend == "hf":
         from kdcache.teacher.hf import HFTeacher
 
         return HFTeacher(config.teacher, vocab_size)
     if config.teacher.backend == "vllm":
-        from kdcache.teacher.vllm_backend import make_vllm_backend
+        from kdcache.teacher.vllm import make_vllm_backend
 
         return make_vllm_backend(config, vocab_size)
-    raise BadInputError(
-        f"teacher.backend '{config.teacher.backend}' is not available in this version; use teacher.backend=hf"
-    )
+    raise BadInputError(f"teacher.backend must be one of {list(TEACHER_BACKENDS)}, got {config.teacher.backend!r}")
 
 
 def check_build_config(config: CacheBuildConfig) -> None:
@@ -235,7 +235,8 @@ def check_build_config(config: CacheBuildConfig) -> None:
     check_generate_config(config)
 
 
-def build_cache(config: CacheBuildConfig, backend=None, tokenizer=None, stop_after_shards: int | None = None) -> BuildResult:
+def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None, tokenizer=None,
+                stop_after_shards: int | None = None) -> BuildResult:
     """Build (or resume) this worker's shards and finalize when every shard of the plan is committed.
 
     `backend` and `tokenizer` may be passed in (tests, benchmarks); `stop_after_shards` ends the run early as a

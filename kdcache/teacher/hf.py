@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from kdcache.config import TeacherConfig
+from kdcache.config import GenerateConfig, TeacherConfig
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_causal_lm, output_logits, resolve_device, row_chunks, target_hidden_states
 from kdcache.targets import SparseTargets
+from kdcache.teacher.backend import Sparsifier
 
 
 class HFTeacher:
-    """Scores batches of sequences: hidden states for the batch, then LM head + sparsifier over target rows in chunks."""
+    """A `TeacherBackend` on transformers: hidden states for the batch, then LM head + sparsifier over target rows in
+    chunks."""
 
     def __init__(self, config: TeacherConfig, vocab_size: int):
         self.config = config
@@ -32,7 +32,7 @@ class HFTeacher:
         self,
         batch_ids: list[list[int]],
         batch_masks: list[list[bool]],
-        sparsify: Callable[[torch.Tensor, slice], SparseTargets],
+        sparsify: Sparsifier,
     ) -> list[SparseTargets]:
         """Sparse targets for every target row of the batch, in (example, position) order, one chunk at a time.
 
@@ -56,7 +56,8 @@ class HFTeacher:
         return chunks
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], settings, seeds: list[int], stop_ids: list[int]) -> list[list[list[int]]]:
+    def generate(self, prompts: list[list[int]], settings: GenerateConfig, seeds: list[int],
+                 stop_ids: list[int]) -> list[list[list[int]]]:
         """The teacher's answers: per prompt, `settings.num_samples` lists of token ids (stop token included).
 
         One prompt at a time, its samples as one batch with a KV cache and a generator seeded per prompt, so an
@@ -65,7 +66,7 @@ class HFTeacher:
         """
         return [self._answer(prompt, settings, seed, stop_ids) for prompt, seed in zip(prompts, seeds)]
 
-    def _answer(self, prompt: list[int], settings, seed: int, stop_ids: list[int]) -> list[list[int]]:
+    def _answer(self, prompt: list[int], settings: GenerateConfig, seed: int, stop_ids: list[int]) -> list[list[int]]:
         from kdcache.teacher.generate import choose_next
 
         n = settings.num_samples
