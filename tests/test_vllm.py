@@ -217,6 +217,17 @@ def test_vllm_and_hf_caches_agree(hf_cache, vllm_cache):
     assert report.max_logprob_diff < 1e-3 and report.max_tail_diff < 1e-3, report.summary()
     assert report.agrees(1e-3)
     assert verify_cache(vllm_cache).ok
+    # The tail at the cached temperatures (computed in vLLM's workers) agrees too.
+    import numpy as np
+
+    from kdcache.store.reader import CacheReader
+
+    hf, vl = CacheReader(hf_cache), CacheReader(vllm_cache)
+    assert vl.manifest.sparsifier.tail_temperatures == hf.manifest.sparsifier.tail_temperatures == (0.7, 1.5, 2, 3, 4)
+    for shard in range(hf.num_shards):
+        expected, got = hf.read_shard(shard).tail_tempered, vl.read_shard(shard).tail_tempered
+        assert got.shape == expected.shape and got.shape[1] == 5
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
 
 
 @pytest.mark.vllm
@@ -270,6 +281,10 @@ def test_prompt_logprobs_route_agrees_with_hf(tmp_path, engine, hf_cache, vllm_t
     report = diff_caches(hf_cache, str(out))
     assert report.agrees(1e-3), report.summary()
     assert verify_cache(str(out)).ok
+    # This route sees only the top-k: it stores no tail temperatures, so training at T != 1 is refused.
+    from kdcache.store.reader import CacheReader
+
+    assert CacheReader(str(out)).manifest.sparsifier.tail_temperatures == ()
 
 
 @pytest.mark.vllm

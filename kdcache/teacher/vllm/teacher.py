@@ -56,7 +56,8 @@ class VLLMTeacher:
             )
         self.lm_head_rows = rows
 
-    def _probe(self, sparsify: Sparsifier) -> int:
+    def _probe(self, sparsify: Sparsifier) -> SparseTargets:
+        """What the build's sparsifier returns for one row: its k and tail temperatures, for the workers' spec."""
         probe = sparsify(torch.zeros((1, self.vocab_size)), slice(0, 1))
         if probe.tail_logmass is None:
             raise BadInputError(
@@ -64,7 +65,7 @@ class VLLMTeacher:
                 "distribution with per-example seeds, which vLLM's workers are not given. Use teacher.backend=hf "
                 "for sampled caches"
             )
-        return int(probe.ids.shape[1])
+        return probe
 
     def score(
         self,
@@ -76,7 +77,8 @@ class VLLMTeacher:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        k = self._probe(sparsify)
+        probe = self._probe(sparsify)
+        k, temps = int(probe.ids.shape[1]), probe.tail_temperatures
         if self.scoring == "prompt_logprobs" and self.max_logprobs != -1 and self.max_logprobs < k:
             raise BadInputError(f"the vLLM engine allows {self.max_logprobs} logprobs but sparsifier.k = {k}; "
                                 "set teacher.vllm.max_logprobs to at least k")
@@ -93,17 +95,18 @@ class VLLMTeacher:
             prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
             which.append(i)
             if self.scoring == "exact":
-                spec = {"rows": rows, "k": k, "vocab": self.vocab_size, "chunk": self.config.chunk_size}
+                spec = {"rows": rows, "k": k, "vocab": self.vocab_size, "chunk": self.config.chunk_size,
+                        "temps": list(temps)}
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, prompt_logprobs=0,
                                              extra_args={REQUEST_KEY: spec}))
             else:
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, prompt_logprobs=k,
                                              flat_logprobs=True))
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        chunks = [_empty(k) for _ in batch_ids]
+        chunks = [_empty(k, temps) for _ in batch_ids]
         for i, output in zip(which, outputs):
             if self.scoring == "exact":
-                chunks[i] = self._from_arrays(output, len(rows_per_example[i]))
+                chunks[i] = self._from_arrays(output, len(rows_per_example[i]), temps)
             else:
                 chunks[i] = self._from_flat(output, rows_per_example[i], k)
         return chunks
@@ -149,7 +152,8 @@ class VLLMTeacher:
             answers.append([list(sample.token_ids) for sample in samples])
         return answers
 
-    def _from_arrays(self, output, num_rows: int) -> SparseTargets:
+    def _from_arrays(self, output, num_rows: int, temps: tuple[float, ...]) -> SparseTargets:
+        """Decode the worker's [rows, 1 + G + k] arrays: tail, its log-partition at the G temperatures, top-k."""
         parts = [p for p in (output.prompt_logprobs or []) if p is not None]
         if len(parts) != 1 or not hasattr(parts[0], "logprob_token_ids"):
             raise RuntimeError(
@@ -160,8 +164,11 @@ class VLLMTeacher:
         logprobs = torch.as_tensor(parts[0].logprobs)
         if ids.shape[0] != num_rows or bool((ids[:, 1:] < 0).any()):
             raise RuntimeError(f"vLLM scored {ids.shape[0]} rows of a request with {num_rows} target rows, some unset")
-        return SparseTargets(ids[:, 1:].to(torch.int32).contiguous(), logprobs[:, 1:].float().contiguous(),
-                           tail_logmass=logprobs[:, 0].float().contiguous())
+        g = len(temps)
+        return SparseTargets(ids[:, 1 + g :].to(torch.int32).contiguous(), logprobs[:, 1 + g :].float().contiguous(),
+                             tail_logmass=logprobs[:, 0].float().contiguous(),
+                             tail_grid=logprobs[:, 1 : 1 + g].float().contiguous() if g else None,
+                             tail_temperatures=tuple(temps) if g else ())
 
     def _from_flat(self, output, rows: list[int], k: int) -> SparseTargets:
         flat = output.prompt_logprobs
@@ -189,8 +196,10 @@ def derived_tail(logprobs: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(mass, TAIL_FLOOR))
 
 
-def _empty(k: int) -> SparseTargets:
-    return SparseTargets(torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k)), tail_logmass=torch.zeros(0))
+def _empty(k: int, temps: tuple[float, ...] = ()) -> SparseTargets:
+    """The targets of an example without target rows (with as many tail-temperature columns as the others)."""
+    return SparseTargets(torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k)), tail_logmass=torch.zeros(0),
+                         tail_grid=torch.zeros((0, len(temps))) if temps else None, tail_temperatures=tuple(temps))
 
 
 def make_vllm_backend(config, vocab_size: int) -> VLLMTeacher:

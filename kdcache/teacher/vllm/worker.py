@@ -19,6 +19,7 @@ import bisect
 
 import torch
 
+from kdcache.targets import SparseTargets
 from kdcache.teacher.sparsify import topk_with_tail
 
 REQUEST_KEY = "kdcache"  # SamplingParams.extra_args key that marks a kdcache scoring request
@@ -81,13 +82,15 @@ def _score_requests(runner, hidden_states: torch.Tensor, num_scheduled_tokens: d
 
     hidden_states: [tokens of the step, H]. The target rows of every request in the step go through the LM head
     together, `chunk` rows at a time (requests are grouped by (k, vocab), which one build shares), so a step costs a
-    few LM-head calls, not one per request. Returns {req_id: LogprobsTensors of [targets, k + 1]} for the requests
-    whose prompt ends in this step (prefill may be split over steps; partial results wait in the runner's state).
+    few LM-head calls, not one per request. Returns {req_id: LogprobsTensors of [targets, 1 + G + k]} for the
+    requests whose prompt ends in this step (prefill may be split over steps; partial results wait in the runner's
+    state): log-prob column 0 is the tail, columns 1..G its log-partition at the spec's G tail temperatures, the
+    last k the top-k (whose ids fill the same columns of the id array; the first 1 + G id columns are 0).
     """
     from vllm.v1.outputs import LogprobsTensors
 
     out = {}
-    groups: dict[tuple[int, int], list] = {}  # (k, vocab) -> [(state, lo, hi, hidden positions)]
+    groups: dict[tuple, list] = {}  # (k, vocab, tail temperatures) -> [(state, lo, hi, hidden positions)]
     finished = []
     for req_id in req_ids:
         num_tokens = num_scheduled_tokens.get(req_id)
@@ -95,12 +98,12 @@ def _score_requests(runner, hidden_states: torch.Tensor, num_scheduled_tokens: d
             continue
         request = runner.requests[req_id]
         spec = _request_spec(request)
-        rows, k = spec["rows"], spec["k"]
+        rows, k, temps = spec["rows"], spec["k"], tuple(spec.get("temps", ()))
         state = runner._kdcache_state.get(req_id)
         if state is None:
             state = {
-                "ids": torch.full((len(rows), k + 1), -1, dtype=torch.int32),
-                "logprobs": torch.zeros((len(rows), k + 1), dtype=torch.float32),
+                "ids": torch.full((len(rows), 1 + len(temps) + k), -1, dtype=torch.int32),
+                "logprobs": torch.zeros((len(rows), 1 + len(temps) + k), dtype=torch.float32),
                 "chunk": spec["chunk"],
             }
             runner._kdcache_state[req_id] = state
@@ -110,30 +113,31 @@ def _score_requests(runner, hidden_states: torch.Tensor, num_scheduled_tokens: d
         lo, hi = bisect.bisect_left(rows, start), bisect.bisect_left(rows, stop)
         if hi > lo:
             offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]]) - start
-            groups.setdefault((k, spec["vocab"]), []).append((state, lo, hi, [r + offset for r in rows[lo:hi]]))
+            key = (k, spec["vocab"], temps)
+            groups.setdefault(key, []).append((state, lo, hi, [r + offset for r in rows[lo:hi]]))
         if start + num_tokens >= num_prompt:  # this step reaches the end of the prompt: emit after scoring
             finished.append((req_id, state, len(rows)))
-    for (k, vocab), parts in groups.items():
+    for (k, vocab, temps), parts in groups.items():
         positions = torch.tensor([p for part in parts for p in part[3]], dtype=torch.long, device=hidden_states.device)
         chunk = min(part[0]["chunk"] for part in parts)
-        ids, logprobs, tails = [], [], []
+        pieces = []
         for a in range(0, len(positions), chunk):
             logits = runner.model.compute_logits(hidden_states[positions[a : a + chunk]])
             if logits is None:  # a tensor-parallel rank that does not receive the gathered logits
                 break
-            sparse = topk_with_tail(logits[:, :vocab], k)
-            ids.append(sparse.ids)
-            logprobs.append(sparse.logprobs)
-            tails.append(sparse.tail_logmass)
-        if not ids:
+            pieces.append(topk_with_tail(logits[:, :vocab], k, temps))
+        if not pieces:
             continue
-        ids, logprobs, tails = torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
-        at = 0
+        sparse = SparseTargets.cat(pieces)
+        g, at = len(temps), 0
         for state, lo, hi, _ in parts:
             n = hi - lo
-            state["ids"][lo:hi, 1:] = ids[at : at + n]
-            state["logprobs"][lo:hi, 1:] = logprobs[at : at + n]
-            state["logprobs"][lo:hi, 0] = tails[at : at + n]
+            state["ids"][lo:hi, : 1 + g] = 0
+            state["ids"][lo:hi, 1 + g :] = sparse.ids[at : at + n]
+            state["logprobs"][lo:hi, 0] = sparse.tail_logmass[at : at + n]
+            if g:
+                state["logprobs"][lo:hi, 1 : 1 + g] = sparse.tail_grid[at : at + n]
+            state["logprobs"][lo:hi, 1 + g :] = sparse.logprobs[at : at + n]
             at += n
     for req_id, state, num_rows in finished:
         out[req_id] = LogprobsTensors(state["ids"], state["logprobs"], torch.zeros(num_rows, dtype=torch.int32))
