@@ -3,6 +3,7 @@ writes, and a killed run resumes exactly."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,24 +11,40 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO
 
 from kdcache.config import TrainConfig, load_config
 from kdcache.errors import BadInputError
+from kdcache.train.checkpoint import read_checkpoint
 from kdcache.train.loader import CacheDataset
-from kdcache.train.trainer import DIGEST_ENV, train
+from kdcache.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
 # Stops after a number of steps as a kill would, then resumes in the same processes from the checkpoint on disk. The
-# worker creates the process group itself, so train() must use a caller's group and leave it alone.
+# worker creates the process group itself, so train() must use a caller's group and leave it alone. At each
+# checkpoint every rank writes the digest of its own trained parameters (rank 0 alone saves them): the ranks must
+# agree bit for bit.
 WORKER = """
-import sys
+import hashlib, json, sys
+from pathlib import Path
 import torch.distributed as dist
 from kdcache.config import TrainConfig, load_config
+from kdcache.train import trainer
 from kdcache.train.trainer import train
 
+def digest_every_rank(save):
+    def saving(out, model, *args, **kwargs):
+        digest = hashlib.sha256()
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad:
+                digest.update(name.encode())
+                digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        Path(out, f"param-digest-rank{dist.get_rank()}.json").write_text(json.dumps({"sha256": digest.hexdigest()}))
+        return save(out, model, *args, **kwargs)
+    return saving
+
+trainer.save_checkpoint = digest_every_rank(trainer.save_checkpoint)
 dist.init_process_group("gloo")
 config = load_config(TrainConfig, None, sys.argv[2:])
 first = train(config, stop_after_steps=int(sys.argv[1]))
@@ -47,9 +64,9 @@ def overrides(cache: str, student: str, out: Path) -> list[str]:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """Two CPU ranks on this machine, each writing its parameter digest at the end."""
+    """Two CPU ranks on this machine."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           DIGEST_ENV: "1", "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -60,7 +77,23 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def digests(out: Path) -> list[str]:
+def digest(tensors: dict) -> str:
+    """sha256 of named tensors' bytes, in name order (the worker's digest of every rank's parameters)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def saved_weights(out: Path) -> tuple[str, str]:
+    """Digests of the run's saved weights: the last checkpoint's trained parameters, and final/'s adapter."""
+    from safetensors.torch import load_file
+
+    return digest(read_checkpoint(out).trainable), digest(load_file(out / "final" / "adapter_model.safetensors"))
+
+
+def rank_digests(out: Path) -> list[str]:
     found = sorted(out.glob("param-digest-rank*.json"))
     assert [p.name for p in found] == ["param-digest-rank0.json", "param-digest-rank1.json"]
     return [json.loads(p.read_text())["sha256"] for p in found]
@@ -84,18 +117,15 @@ def test_torchrun_two_ranks_stay_identical_and_resume_exactly(tmp_path, sharp_ca
     done = torchrun("-m", "kdcache.cli", "train", *sets)  # the plain command, unchanged
     assert done.stdout.count("trained to step 6") == 1, done.stdout  # rank 0 alone reports
 
-    # Gradients are all-reduced: both ranks end with the same weights, although they trained on different shards.
-    first, second = digests(straight)
-    assert first == second
     lines = records(straight)
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated lines
     assert [r["step"] for r in lines if "heldout_kd" in r] == [4]
     assert (straight / "final" / "adapter_config.json").exists()
     assert len(list((straight / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    saved = torch.load(straight / "checkpoint" / "state.pt", weights_only=False)
-    assert saved["world_size"] == 2
-    assert [s["settings"]["rank"] for s in saved["loader"]] == [0, 1]
-    assert json.loads((straight / "checkpoint" / "trainer_state.json").read_text())["step"] == 6
+    saved = read_checkpoint(straight)
+    assert saved.folder.name == "checkpoint-000006" and saved.state.step == 6
+    assert saved.contents["world_size"] == 2
+    assert [s["settings"]["rank"] for s in saved.contents["loader"]] == [0, 1]
 
     # Killed after step 4 (last checkpoint at step 3), then resumed: the same curve and the same final weights.
     worker = tmp_path / "worker.py"
@@ -108,7 +138,11 @@ def test_torchrun_two_ranks_stay_identical_and_resume_exactly(tmp_path, sharp_ca
         [r["loss"] for r in lines if "loss" in r], rel=1e-6, abs=1e-7)
     assert [r["heldout_kd"] for r in again if "heldout_kd" in r] == pytest.approx(
         [r["heldout_kd"] for r in lines if "heldout_kd" in r], rel=1e-6)
-    assert digests(resumed) == [first, first]
+    # Gradients are all-reduced: both ranks hold the same weights, although they trained on different shards; and
+    # the resumed run saved the same weights as the straight one, bit for bit.
+    checkpoint_digest, final_digest = saved_weights(straight)
+    assert rank_digests(resumed) == [checkpoint_digest, checkpoint_digest]
+    assert saved_weights(resumed) == (checkpoint_digest, final_digest)
 
     # Per-rank loader positions cannot be shared out among another number of processes.
     config = load_config(TrainConfig, None, [*overrides(sharp_cache, student_dir, straight), "max_steps=8"])

@@ -20,6 +20,7 @@ from kdcache.cli import main
 from kdcache.errors import BadInputError
 from kdcache.train import student as student_module
 from kdcache.train import trainer as trainer_module
+from kdcache.train.checkpoint import read_checkpoint
 from kdcache.train.trainer import train
 
 
@@ -110,7 +111,7 @@ def test_adamw_8bit_trains_with_8bit_states_and_resumes_exactly(tmp_path, sharp_
     assert [s for s, _ in resumed] == [s for s, _ in straight]  # pytest >= 9.2 refuses approx of nested tuples
     assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], rel=1e-6, abs=1e-7)
     assert straight[-1][1] < 0.8 * straight[0][1]  # it does train
-    saved = torch.load(tmp_path / "straight" / "checkpoint" / "state.pt", weights_only=False)
+    saved = read_checkpoint(tmp_path / "straight").contents
     states = [v.get("__bnb_optimizer_quant_state__", v) for v in saved["optimizer"]["state"].values()]
     dtypes = {state["state1"].dtype for state in states}
     assert torch.uint8 in dtypes, dtypes  # the large tensors' Adam moments are stored in 8 bits
@@ -164,8 +165,8 @@ def test_qlora_trains_close_to_lora_on_its_4bit_base(tmp_path, sharp_cache, stud
     heldout = [r["heldout_kd"] for r in records(tmp_path / "qlora") if "heldout_kd" in r]
     assert heldout[1] < heldout[0] < qlora[0][1]  # it learns
     assert (tmp_path / "qlora" / "final" / "adapter_config.json").exists()
-    saved = torch.load(tmp_path / "qlora" / "checkpoint" / "state.pt", weights_only=False)
-    assert saved["trainable"] and all("lora_" in name for name in saved["trainable"])
+    saved = read_checkpoint(tmp_path / "qlora")
+    assert saved.trainable and all("lora_" in name for name in saved.trainable)
 
 
 def test_qlora_needs_lora(tmp_path, sharp_cache, student_dir):

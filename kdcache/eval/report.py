@@ -192,6 +192,21 @@ def comparison_rows(a: dict, b: dict) -> list[dict]:
 def compare_report(a: dict, b: dict, names: tuple[str, str], retention: dict, cascade: dict | None,
                    checks: list[CheckResult] | None, images: dict[str, str], notes: list[str]) -> str:
     """The Markdown report of two runs side by side (A: the reference, e.g. the teacher; B: e.g. the student)."""
+    lines = _comparison_header(a, b, names, retention, notes)
+    lines += _side_by_side(a, b, names, retention)
+    if "per_class" in a and "per_class" in b:
+        lines += _per_class_comparison(a, b, names, images)
+    if "reliability" in images:
+        lines += ["", "## Calibration", "", f"![reliability diagram]({images['reliability']})"]
+    if cascade is not None:
+        lines += _cascade_section(cascade, names, images)
+    if checks is not None:
+        lines += _criteria_section(checks)
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_header(a: dict, b: dict, names: tuple[str, str], retention: dict, notes: list[str]) -> list[str]:
+    """Title, the two models, the shared data, notes, and the accuracy kept."""
     na, nb = names
     lines = [f"# {na} vs {nb}", "", f"A = **{na}**: `{a['run']['model']}`", "",
              f"B = **{nb}**: `{b['run']['model']}`", "",
@@ -203,7 +218,12 @@ def compare_report(a: dict, b: dict, names: tuple[str, str], retention: dict, ca
     if retention.get("accuracy") is not None:
         lines += [f"**{nb} keeps {100 * retention['accuracy']:.1f}% of {na}'s accuracy** "
                   f"({fmt(get(b, 'accuracy'), 'pct')} / {fmt(get(a, 'accuracy'), 'pct')}).", ""]
-    lines += ["## Side by side", ""]
+    return lines
+
+
+def _side_by_side(a: dict, b: dict, names: tuple[str, str], retention: dict) -> list[str]:
+    """Every metric of either run with both values and the difference, retention rows among them."""
+    na, nb = names
     rows = []
     for row in comparison_rows(a, b):
         rows.append([row["title"], fmt(row["a"], row["kind"]), fmt(row["b"], row["kind"]),
@@ -212,59 +232,72 @@ def compare_report(a: dict, b: dict, names: tuple[str, str], retention: dict, ca
         rows.insert(1, ["Accuracy retention (B / A)", "", f"{100 * retention['accuracy']:.1f}%", ""])
     if retention.get("macro_f1") is not None:
         rows.insert(3, ["Macro F1 retention (B / A)", "", f"{100 * retention['macro_f1']:.1f}%", ""])
-    lines += _table(["metric", na, nb, "B - A (B / A for speed and size)"], rows)
-    if "per_class" in a and "per_class" in b:
-        lines += ["", "## Per class", ""]
-        rows = []
-        for label in a["per_class"]:
-            pa, pb = a["per_class"][label], b["per_class"].get(label)
-            if pb is None:
-                continue
-            rows.append([_escape(label), pa["support"], fmt(pa["precision"], "pct"), fmt(pa["recall"], "pct"),
-                         fmt(pa["f1"], "pct"), fmt(pb["precision"], "pct"), fmt(pb["recall"], "pct"),
-                         fmt(pb["f1"], "pct"), diff(pa["f1"], pb["f1"], "pct")])
-        lines += _table(["class", "gold", f"{na} precision", f"{na} recall", f"{na} F1", f"{nb} precision",
-                         f"{nb} recall", f"{nb} F1", "F1 B - A"], rows)
-        lines += ["", "## Confusion matrices", "", f"**{na}**", "", *confusion_table(a["confusion"]), "",
-                  f"**{nb}**", "", *confusion_table(b["confusion"])]
-        if "confusion" in images:
-            lines += ["", f"![confusion matrices]({images['confusion']})"]
-    if "reliability" in images:
-        lines += ["", "## Calibration", "", f"![reliability diagram]({images['reliability']})"]
-    if cascade is not None:
-        lines += ["", "## Cascade", "",
-                  f"{nb} answers when its confidence is at least the threshold; {na} answers the rest. "
-                  f"{na} alone: {fmt(cascade['teacher_accuracy'], 'pct')}, {nb} alone: "
-                  f"{fmt(cascade['student_accuracy'], 'pct')}, best cascade: {fmt(cascade['best_accuracy'], 'pct')}. "
-                  "Measured on this evaluation set (an in-sample estimate).", ""]
-        digits = threshold_digits([p["threshold"] for p in cascade["table"]])
-        rows = [[fmt_threshold(p["threshold"], digits), p["kept"],
-                 fmt(p["kept_share"], "pct"), fmt(p["deferred_share"], "pct"), fmt(p["accuracy"], "pct")]
-                for p in cascade["table"]]
-        lines += _table(["keep if confidence >=", "kept", "kept share", f"deferred to {na}", "cascade accuracy"],
-                        rows)
-        if cascade.get("target_accuracy") is not None:
-            chosen = cascade["chosen"]
-            target = fmt(cascade["target_accuracy"], "pct")
-            if chosen is None:
-                lines += ["", f"No threshold reaches the target accuracy {target}; the best cascade reaches "
-                              f"{fmt(cascade['best_accuracy'], 'pct')}."]
-            elif chosen["threshold"] is None:
-                lines += ["", f"Target {target}: only deferring every example to {na} reaches it "
-                              f"({fmt(chosen['accuracy'], 'pct')})."]
-            else:
-                shown = fmt_threshold(chosen["threshold"], max(digits, threshold_digits([chosen["threshold"]])))
-                lines += ["", f"Target {target}: keep examples with {nb} confidence >= **{shown}**: "
-                              f"{nb} keeps {fmt(chosen['kept_share'], 'pct')}, {na} gets "
-                              f"{fmt(chosen['deferred_share'], 'pct')}, cascade accuracy "
-                              f"{fmt(chosen['accuracy'], 'pct')}."]
-        if "cascade" in images:
-            lines += ["", f"![cascade]({images['cascade']})"]
-    if checks is not None:
-        failed = sum(not c.passed for c in checks)
-        verdict = "all hold" if not failed else f"{failed} of {len(checks)} failed"
-        lines += ["", f"## Success criteria: {verdict}", ""]
-        for c in checks:
-            label = f"{c.criterion.name}: " if c.criterion.name else ""
-            lines.append(f"- {'PASS' if c.passed else '**FAIL**'}: {_escape(label + c.description)}")
-    return "\n".join(lines) + "\n"
+    return ["## Side by side", "", *_table(["metric", na, nb, "B - A (B / A for speed and size)"], rows)]
+
+
+def _per_class_comparison(a: dict, b: dict, names: tuple[str, str], images: dict[str, str]) -> list[str]:
+    """Precision, recall and F1 per class for both runs, then both confusion matrices."""
+    na, nb = names
+    lines = ["", "## Per class", ""]
+    rows = []
+    for label in a["per_class"]:
+        pa, pb = a["per_class"][label], b["per_class"].get(label)
+        if pb is None:
+            continue
+        rows.append([_escape(label), pa["support"], fmt(pa["precision"], "pct"), fmt(pa["recall"], "pct"),
+                     fmt(pa["f1"], "pct"), fmt(pb["precision"], "pct"), fmt(pb["recall"], "pct"),
+                     fmt(pb["f1"], "pct"), diff(pa["f1"], pb["f1"], "pct")])
+    lines += _table(["class", "gold", f"{na} precision", f"{na} recall", f"{na} F1", f"{nb} precision",
+                     f"{nb} recall", f"{nb} F1", "F1 B - A"], rows)
+    lines += ["", "## Confusion matrices", "", f"**{na}**", "", *confusion_table(a["confusion"]), "",
+              f"**{nb}**", "", *confusion_table(b["confusion"])]
+    if "confusion" in images:
+        lines += ["", f"![confusion matrices]({images['confusion']})"]
+    return lines
+
+
+def _cascade_section(cascade: dict, names: tuple[str, str], images: dict[str, str]) -> list[str]:
+    """The student answers above a confidence threshold and the teacher the rest: the table and the chosen one."""
+    na, nb = names
+    lines = ["", "## Cascade", "",
+             f"{nb} answers when its confidence is at least the threshold; {na} answers the rest. "
+             f"{na} alone: {fmt(cascade['teacher_accuracy'], 'pct')}, {nb} alone: "
+             f"{fmt(cascade['student_accuracy'], 'pct')}, best cascade: {fmt(cascade['best_accuracy'], 'pct')}. "
+             "Measured on this evaluation set (an in-sample estimate).", ""]
+    digits = threshold_digits([p["threshold"] for p in cascade["table"]])
+    rows = [[fmt_threshold(p["threshold"], digits), p["kept"],
+             fmt(p["kept_share"], "pct"), fmt(p["deferred_share"], "pct"), fmt(p["accuracy"], "pct")]
+            for p in cascade["table"]]
+    lines += _table(["keep if confidence >=", "kept", "kept share", f"deferred to {na}", "cascade accuracy"], rows)
+    if cascade.get("target_accuracy") is not None:
+        lines += ["", _cascade_target(cascade, names, digits)]
+    if "cascade" in images:
+        lines += ["", f"![cascade]({images['cascade']})"]
+    return lines
+
+
+def _cascade_target(cascade: dict, names: tuple[str, str], digits: int) -> str:
+    """The sentence on the threshold that reaches the target accuracy (or that none does)."""
+    na, nb = names
+    chosen = cascade["chosen"]
+    target = fmt(cascade["target_accuracy"], "pct")
+    if chosen is None:
+        return (f"No threshold reaches the target accuracy {target}; the best cascade reaches "
+                f"{fmt(cascade['best_accuracy'], 'pct')}.")
+    if chosen["threshold"] is None:
+        return f"Target {target}: only deferring every example to {na} reaches it ({fmt(chosen['accuracy'], 'pct')})."
+    shown = fmt_threshold(chosen["threshold"], max(digits, threshold_digits([chosen["threshold"]])))
+    return (f"Target {target}: keep examples with {nb} confidence >= **{shown}**: "
+            f"{nb} keeps {fmt(chosen['kept_share'], 'pct')}, {na} gets "
+            f"{fmt(chosen['deferred_share'], 'pct')}, cascade accuracy "
+            f"{fmt(chosen['accuracy'], 'pct')}.")
+
+
+def _criteria_section(checks: list[CheckResult]) -> list[str]:
+    failed = sum(not c.passed for c in checks)
+    verdict = "all hold" if not failed else f"{failed} of {len(checks)} failed"
+    lines = ["", f"## Success criteria: {verdict}", ""]
+    for c in checks:
+        label = f"{c.criterion.name}: " if c.criterion.name else ""
+        lines.append(f"- {'PASS' if c.passed else '**FAIL**'}: {_escape(label + c.description)}")
+    return lines

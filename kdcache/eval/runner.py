@@ -115,7 +115,25 @@ def run_eval(config: EvalConfig) -> EvalResult:
     _check_config(config)
     examples = load_examples(config)
     loaded = load_model(config.model, config.device, config.dtype, config.tokenizer, config.base)
-    tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
+    prompting = _prompting(config, loaded.tokenizer)
+    records, batch_times, peak = _predict(config, loaded, prompting, examples)
+    result = _summarize(config, loaded, prompting, records, batch_times, peak)
+    return write_run(config, result, records)
+
+
+@dataclass(frozen=True)
+class _Prompting:
+    """How examples become model inputs: the prompt template, padding, the labels' token ids, the prompt budget."""
+
+    template: Any
+    chat_used: bool
+    pad_id: int
+    labels: list[str]
+    label_ids: list[list[int]]
+    room: int  # tokens left for the prompt once the longest label (or the generated tokens) fits
+
+
+def _prompting(config: EvalConfig, tokenizer) -> _Prompting:
     template = template_for(config.prompt, config.system, config.chat)
     chat_used = uses_chat_template(template, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -127,65 +145,70 @@ def run_eval(config: EvalConfig) -> EvalResult:
         room = config.max_length - config.max_new_tokens
     if room < 1:
         raise BadInputError(f"max_length {config.max_length} leaves no room for the prompt; raise --max-length")
+    return _Prompting(template, chat_used, pad_id, labels, label_ids, room)
 
-    def encode(batch: list[Example]) -> list[tuple[list[int], int]]:
-        try:
-            return [prompt_ids(template, tokenizer, e.row, room) for e in batch]
-        except BadRow as exc:
-            raise BadInputError(str(exc)) from None
 
-    def run_batch(batch: list[Example]):
-        encoded = encode(batch)
-        prompts = [ids for ids, _ in encoded]
-        if config.mode == "score":
-            out = score_labels(model, prompts, label_ids, pad_id, device)
-        else:
-            out = generate(model, prompts, tokenizer, config.max_new_tokens, device)
-        return encoded, out
+def _run_batch(config: EvalConfig, loaded, prompting: _Prompting, batch: list[Example]):
+    """The batch's (prompt ids, truncated) and the model's output: label log-likelihoods or generated texts."""
+    try:
+        encoded = [prompt_ids(prompting.template, loaded.tokenizer, e.row, prompting.room) for e in batch]
+    except BadRow as exc:
+        raise BadInputError(str(exc)) from None
+    prompts = [ids for ids, _ in encoded]
+    if config.mode == "score":
+        out = score_labels(loaded.model, prompts, prompting.label_ids, prompting.pad_id, loaded.device)
+    else:
+        out = generate(loaded.model, prompts, loaded.tokenizer, config.max_new_tokens, loaded.device)
+    return encoded, out
 
+
+def _predict(config: EvalConfig, loaded, prompting: _Prompting,
+             examples: list[Example]) -> tuple[list[dict], list[float], Any]:
+    """Every example's prediction record, batch by batch and timed; also the batch times and peak memory."""
     batches = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
-    reset_peak_memory(device)
+    reset_peak_memory(loaded.device)
     if config.warmup:
-        run_batch(batches[0])
+        _run_batch(config, loaded, prompting, batches[0])
     batch_times: list[float] = []
     records: list[dict] = []
     with _progress(len(examples), config.progress) as bar:
         for batch in batches:
-            with timed(device, batch_times):
-                encoded, out = run_batch(batch)
+            with timed(loaded.device, batch_times):
+                encoded, out = _run_batch(config, loaded, prompting, batch)
             latency = batch_times[-1] / len(batch)
-            for j, example in enumerate(batch):
-                record = {"id": example.id,
-                          "gold": example.gold if isinstance(example.gold, str) else example.gold[0],
-                          "latency_s": latency, "prompt_tokens": len(encoded[j][0]),
-                          "prompt_truncated": encoded[j][1]}
-                if config.mode == "score":
-                    logliks = out[j]
-                    probs = label_probabilities(logliks)
-                    best = int(np.argmax(logliks))  # ties go to the first label
-                    record.update(predicted=labels[best], confidence=float(probs[best]))
-                    for label, p, ll in zip(labels, probs, logliks):
-                        record[f"prob_{label}"] = float(p)
-                        record[f"loglik_{label}"] = float(ll)
-                else:
-                    record["generated"] = out[j]
-                    record["predicted"] = parse_label(out[j], labels) if labels else None
-                    record["confidence"] = None
-                    record["references"] = [example.gold] if isinstance(example.gold, str) else list(example.gold)
-                record["correct"] = (record["predicted"] == record["gold"]) if labels else None
-                records.append(record)
+            for example, (ids, truncated), output in zip(batch, encoded, out, strict=True):
+                records.append(_record(config, prompting.labels, example, ids, truncated, output, latency))
             bar.update(len(batch))
-    peak = peak_memory(device)
+    return records, batch_times, peak_memory(loaded.device)
 
-    result: dict = {"kdcache_eval": EVAL_FORMAT_VERSION, "run": {
-        "model": config.model, "base": loaded.base, "tokenizer": config.tokenizer or None,
-        "data": list(config.data), "label_field": config.label_field, "labels": labels,
-        "negative_label": config.negative_label, "prompt": config.prompt, "system": config.system,
-        "chat_template_used": chat_used, "label_prefix": config.label_prefix, "label_eos": config.label_eos,
-        "mode": config.mode, "max_new_tokens": config.max_new_tokens if config.mode == "generate" else None,
-        "dtype": config.dtype, "limit": config.limit, "max_length": config.max_length,
-        "prompts_truncated": sum(1 for r in records if r["prompt_truncated"]),
-    }}
+
+def _record(config: EvalConfig, labels: list[str], example: Example, ids: list[int], truncated: int, output,
+            latency: float) -> dict:
+    """One row of predictions.parquet: the prediction, its confidence (and per-label figures), whether it is right."""
+    record = {"id": example.id, "gold": example.gold if isinstance(example.gold, str) else example.gold[0],
+              "latency_s": latency, "prompt_tokens": len(ids), "prompt_truncated": truncated}
+    if config.mode == "score":
+        logliks = output
+        probs = label_probabilities(logliks)
+        best = int(np.argmax(logliks))  # ties go to the first label
+        record.update(predicted=labels[best], confidence=float(probs[best]))
+        for label, p, ll in zip(labels, probs, logliks):
+            record[f"prob_{label}"] = float(p)
+            record[f"loglik_{label}"] = float(ll)
+    else:
+        record["generated"] = output
+        record["predicted"] = parse_label(output, labels) if labels else None
+        record["confidence"] = None
+        record["references"] = [example.gold] if isinstance(example.gold, str) else list(example.gold)
+    record["correct"] = (record["predicted"] == record["gold"]) if labels else None
+    return record
+
+
+def _summarize(config: EvalConfig, loaded, prompting: _Prompting, records: list[dict], batch_times: list[float],
+               peak) -> dict:
+    """metrics.json: the run's settings, the quality metrics, size and speed."""
+    labels = prompting.labels
+    result: dict = {"kdcache_eval": EVAL_FORMAT_VERSION, "run": _run_settings(config, loaded, prompting, records)}
     if labels:
         confidences = [r["confidence"] for r in records] if config.mode == "score" else None
         result.update(M.classification_metrics([r["gold"] for r in records], [r["predicted"] for r in records],
@@ -202,9 +225,23 @@ def run_eval(config: EvalConfig) -> EvalResult:
                       "size_on_disk_bytes": loaded.size_on_disk_bytes,
                       "base_size_on_disk_bytes": loaded.base_size_on_disk_bytes}
     result["speed"] = speed_summary([r["latency_s"] for r in records], sum(batch_times), config.batch_size,
-                                    device, peak, config.warmup)
+                                    loaded.device, peak, config.warmup)
     result["speed"]["dtype"] = config.dtype
-    return write_run(config, result, records)
+    return result
+
+
+def _run_settings(config: EvalConfig, loaded, prompting: _Prompting, records: list[dict]) -> dict:
+    """metrics.json's `run`: what was evaluated, on what, and how."""
+    return {
+        "model": config.model, "base": loaded.base, "tokenizer": config.tokenizer or None,
+        "data": list(config.data), "label_field": config.label_field, "labels": prompting.labels,
+        "negative_label": config.negative_label, "prompt": config.prompt, "system": config.system,
+        "chat_template_used": prompting.chat_used, "label_prefix": config.label_prefix,
+        "label_eos": config.label_eos, "mode": config.mode,
+        "max_new_tokens": config.max_new_tokens if config.mode == "generate" else None,
+        "dtype": config.dtype, "limit": config.limit, "max_length": config.max_length,
+        "prompts_truncated": sum(1 for r in records if r["prompt_truncated"]),
+    }
 
 
 def write_run(config: EvalConfig, result: dict, records: list[dict]) -> EvalResult:

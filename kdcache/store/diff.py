@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -158,7 +159,15 @@ def _name(key: tuple[int, int]):
     return key[0] if key[1] == 0 else f"{key[0]}#{key[1]}"
 
 
-def _truncate(example: CachedExample, k: int, kind: str):
+class _Rows(NamedTuple):
+    """One example's target rows cut to the k entries compared: ids, log-probabilities, tails (None without)."""
+
+    ids: np.ndarray  # [n, k] int64, -1 where a row has fewer entries
+    logprobs: np.ndarray  # [n, k] float64
+    tail: np.ndarray | None  # [n] float64, with the entries past k folded in
+
+
+def _truncate(example: CachedExample, k: int, kind: str) -> _Rows:
     ids = example.sparse_ids.astype(np.int64)
     logprobs = example.sparse_logprobs.astype(np.float64)
     tail = None
@@ -166,30 +175,29 @@ def _truncate(example: CachedExample, k: int, kind: str):
         tail = example.tail_logmass.astype(np.float64)
         if ids.shape[1] > k:
             tail = np.logaddexp.reduce(np.concatenate([tail[:, None], logprobs[:, k:]], axis=1), axis=1)
-    return ids[:, :k], logprobs[:, :k], tail
+    return _Rows(ids[:, :k], logprobs[:, :k], tail)
+
+
+@dataclass
+class _Sums:
+    """Running sums over the compared rows, turned into the report's means at the end."""
+
+    overlap: float = 0.0  # sum over rows of |A ∩ B| / k
+    diff: float = 0.0  # sum of |logprob_A - logprob_B| over ids in both rows
+    diff_count: int = 0
+    tail_max: float | None = None  # None when tails are not compared
 
 
 def diff_caches(a: str, b: str, max_examples: int = 10) -> DiffReport:
     """Compare two finished caches (paths or fsspec URLs); see the module docstring for what is measured."""
     ra, rb = CacheReader(a), CacheReader(b)
-    ma, mb = ra.manifest, rb.manifest
-    report = DiffReport(a=a, b=b, settings=_setting_differences(ma, mb))
-    report.examples_a, report.examples_b = ma.counts.num_examples, mb.counts.num_examples
-    if ma.tokenizer.fingerprint != mb.tokenizer.fingerprint:
-        report.comparable = False
-        report.identical = False
+    report = _start_report(a, b, ra.manifest, rb.manifest)
+    if not report.comparable:
         return report
-    kind_a, kind_b = ma.sparsifier.kind, mb.sparsifier.kind
-    report.kind = kind_a if kind_a == kind_b else f"{kind_a}/{kind_b}"
-    kind = kind_a if kind_a == kind_b else "sample"  # mixed: no tails compared
-    k = min(ma.sparsifier.k, mb.sparsifier.k)
-    report.k = k
-    if report.settings:
-        report.identical = False
+    kind = _compared_kind(ra.manifest, rb.manifest)
+    sums = _Sums(tail_max=0.0 if kind == "topk" else None)
     index_b = _ShardIndex(rb)
     seen_b: set[tuple[int, int]] = set()
-    overlap_sum, diff_sum, diff_count = 0.0, 0.0, 0
-    tail_max = 0.0 if kind == "topk" else None
     for example in ra.iter_examples():
         other = index_b.get(example.key)
         if other is None:
@@ -198,68 +206,120 @@ def diff_caches(a: str, b: str, max_examples: int = 10) -> DiffReport:
                 report.only_in_a.append(_name(example.key))
             continue
         seen_b.add(example.key)
-        report.examples_compared += 1
-        if not (np.array_equal(example.input_ids, other.input_ids)
-                and np.array_equal(example.target_mask, other.target_mask)):
-            report.token_mismatches += 1
-            report.identical = False
-            if len(report.first_token_mismatches) < 20:
-                report.first_token_mismatches.append(_name(example.key))
-            continue
-        ids_a, lp_a, tail_a = _truncate(example, k, kind)
-        ids_b, lp_b, tail_b = _truncate(other, k, kind)
-        if report.identical:
-            same = (np.array_equal(example.sparse_ids, other.sparse_ids)
-                    and np.array_equal(example.sparse_logprobs, other.sparse_logprobs)
-                    and np.array_equal(example.tail_logmass, other.tail_logmass)
-                    and np.array_equal(example.sample_counts, other.sample_counts))
-            report.identical = bool(same)
-        n = ids_a.shape[0]
-        report.targets_compared += n
-        if n == 0:
-            continue
-        positions = np.nonzero(example.target_mask)[0]
-        top1_differs = np.nonzero(ids_a[:, 0] != ids_b[:, 0])[0]
-        report.top1_disagreements += len(top1_differs)
-        for row in top1_differs:
-            if len(report.first_top1_disagreements) >= max_examples:
-                break
-            report.first_top1_disagreements.append({
-                "example": _name(example.key), "id": example.record.get("id"), "position": int(positions[row]),
-                "a": [int(ids_a[row, 0]), round(float(lp_a[row, 0]), 6)],
-                "b": [int(ids_b[row, 0]), round(float(lp_b[row, 0]), 6)],
-            })
-        valid_a, valid_b = ids_a >= 0, ids_b >= 0
-        match = (ids_a[:, :, None] == ids_b[:, None, :]) & valid_a[:, :, None] & valid_b[:, None, :]  # [n, k, k]
-        common = match.any(axis=2)  # entries of A whose id is in B's row
-        counts = np.maximum(np.minimum(valid_a.sum(1), valid_b.sum(1)), 1)
-        overlap_sum += float((common.sum(1) / counts).sum())
-        partner = match.argmax(axis=2)
-        delta = np.abs(lp_a - np.take_along_axis(lp_b, partner, axis=1))
-        delta = np.where(common, delta, 0.0)
-        if common.any():
-            diff_sum += float(delta[common].sum())
-            diff_count += int(common.sum())
-            worst = np.unravel_index(int(np.argmax(delta)), delta.shape)
-            if delta[worst] > report.max_logprob_diff:
-                report.max_logprob_diff = float(delta[worst])
-                report.max_logprob_diff_at = {
-                    "example": _name(example.key), "position": int(positions[worst[0]]), "token": int(ids_a[worst]),
-                    "a": float(lp_a[worst]), "b": float(lp_b[worst[0], partner[worst]]),
-                }
-        if tail_max is not None and tail_a is not None and tail_b is not None:
-            both_inf = np.isneginf(tail_a) & np.isneginf(tail_b)
-            with np.errstate(invalid="ignore"):
-                tail_delta = np.where(both_inf, 0.0, np.abs(tail_a - tail_b))
-            tail_max = max(tail_max, float(np.nan_to_num(tail_delta, nan=np.inf, posinf=np.inf).max()))
+        _compare_example(report, sums, example, other, kind, max_examples)
+    _finish(report, sums, index_b, seen_b)
+    return report
+
+
+def _start_report(a: str, b: str, ma: Manifest, mb: Manifest) -> DiffReport:
+    """The report before any example is read: settings that differ, counts, k; not comparable across tokenizers."""
+    report = DiffReport(a=a, b=b, settings=_setting_differences(ma, mb))
+    report.examples_a, report.examples_b = ma.counts.num_examples, mb.counts.num_examples
+    if ma.tokenizer.fingerprint != mb.tokenizer.fingerprint:
+        report.comparable = False
+        report.identical = False
+        return report
+    kind_a, kind_b = ma.sparsifier.kind, mb.sparsifier.kind
+    report.kind = kind_a if kind_a == kind_b else f"{kind_a}/{kind_b}"
+    report.k = min(ma.sparsifier.k, mb.sparsifier.k)
+    if report.settings:
+        report.identical = False
+    return report
+
+
+def _compared_kind(ma: Manifest, mb: Manifest) -> str:
+    """The sparsifier kind rows are compared as: mixed kinds are compared as `sample` (no tails)."""
+    return ma.sparsifier.kind if ma.sparsifier.kind == mb.sparsifier.kind else "sample"
+
+
+def _compare_example(report: DiffReport, sums: _Sums, example: CachedExample, other: CachedExample, kind: str,
+                     max_examples: int) -> None:
+    """One example present in both caches: its tokens, then its target rows (top-1, entries, tails)."""
+    report.examples_compared += 1
+    if not (np.array_equal(example.input_ids, other.input_ids)
+            and np.array_equal(example.target_mask, other.target_mask)):
+        report.token_mismatches += 1
+        report.identical = False
+        if len(report.first_token_mismatches) < 20:
+            report.first_token_mismatches.append(_name(example.key))
+        return
+    rows_a, rows_b = _truncate(example, report.k, kind), _truncate(other, report.k, kind)
+    if report.identical:
+        report.identical = _bitwise_equal(example, other)
+    n = rows_a.ids.shape[0]
+    report.targets_compared += n
+    if n == 0:
+        return
+    positions = np.nonzero(example.target_mask)[0]
+    _compare_top1(report, example, rows_a, rows_b, positions, max_examples)
+    _compare_entries(report, sums, example.key, rows_a, rows_b, positions)
+    if sums.tail_max is not None and rows_a.tail is not None and rows_b.tail is not None:
+        sums.tail_max = max(sums.tail_max, _max_tail_diff(rows_a.tail, rows_b.tail))
+
+
+def _bitwise_equal(example: CachedExample, other: CachedExample) -> bool:
+    """Every cached array of the two examples equal bit for bit."""
+    return bool(np.array_equal(example.sparse_ids, other.sparse_ids)
+                and np.array_equal(example.sparse_logprobs, other.sparse_logprobs)
+                and np.array_equal(example.tail_logmass, other.tail_logmass)
+                and np.array_equal(example.sample_counts, other.sample_counts))
+
+
+def _compare_top1(report: DiffReport, example: CachedExample, a: _Rows, b: _Rows, positions: np.ndarray,
+                  max_examples: int) -> None:
+    """Count the rows whose first cached id differs, and keep the first `max_examples` of them."""
+    top1_differs = np.nonzero(a.ids[:, 0] != b.ids[:, 0])[0]
+    report.top1_disagreements += len(top1_differs)
+    for row in top1_differs:
+        if len(report.first_top1_disagreements) >= max_examples:
+            break
+        report.first_top1_disagreements.append({
+            "example": _name(example.key), "id": example.record.get("id"), "position": int(positions[row]),
+            "a": [int(a.ids[row, 0]), round(float(a.logprobs[row, 0]), 6)],
+            "b": [int(b.ids[row, 0]), round(float(b.logprobs[row, 0]), 6)],
+        })
+
+
+def _compare_entries(report: DiffReport, sums: _Sums, key: tuple[int, int], a: _Rows, b: _Rows,
+                     positions: np.ndarray) -> None:
+    """Top-k overlap and log-probability differences over the ids both rows hold; the worst one is kept."""
+    valid_a, valid_b = a.ids >= 0, b.ids >= 0
+    match = (a.ids[:, :, None] == b.ids[:, None, :]) & valid_a[:, :, None] & valid_b[:, None, :]  # [n, k, k]
+    common = match.any(axis=2)  # entries of A whose id is in B's row
+    counts = np.maximum(np.minimum(valid_a.sum(1), valid_b.sum(1)), 1)
+    sums.overlap += float((common.sum(1) / counts).sum())
+    partner = match.argmax(axis=2)
+    delta = np.abs(a.logprobs - np.take_along_axis(b.logprobs, partner, axis=1))
+    delta = np.where(common, delta, 0.0)
+    if not common.any():
+        return
+    sums.diff += float(delta[common].sum())
+    sums.diff_count += int(common.sum())
+    worst = np.unravel_index(int(np.argmax(delta)), delta.shape)
+    if delta[worst] > report.max_logprob_diff:
+        report.max_logprob_diff = float(delta[worst])
+        report.max_logprob_diff_at = {
+            "example": _name(key), "position": int(positions[worst[0]]), "token": int(a.ids[worst]),
+            "a": float(a.logprobs[worst]), "b": float(b.logprobs[worst[0], partner[worst]]),
+        }
+
+
+def _max_tail_diff(tail_a: np.ndarray, tail_b: np.ndarray) -> float:
+    """max |tail_A - tail_B|, where two empty tails (-inf) agree and a NaN counts as infinitely far."""
+    both_inf = np.isneginf(tail_a) & np.isneginf(tail_b)
+    with np.errstate(invalid="ignore"):
+        tail_delta = np.where(both_inf, 0.0, np.abs(tail_a - tail_b))
+    return float(np.nan_to_num(tail_delta, nan=np.inf, posinf=np.inf).max())
+
+
+def _finish(report: DiffReport, sums: _Sums, index_b: _ShardIndex, seen_b: set[tuple[int, int]]) -> None:
+    """What only B holds, and the means."""
     report.num_only_in_b = report.examples_b - len(seen_b)
     if report.num_only_in_b:  # rare: only then read B's records again to name them
         report.only_in_b = [_name(key) for key in sorted(index_b.all_keys() - seen_b)[:20]]
     if report.num_only_in_a or report.num_only_in_b:
         report.identical = False
     if report.targets_compared:
-        report.mean_topk_overlap = overlap_sum / report.targets_compared
-    report.mean_logprob_diff = diff_sum / diff_count if diff_count else None
-    report.max_tail_diff = tail_max
-    return report
-
+        report.mean_topk_overlap = sums.overlap / report.targets_compared
+    report.mean_logprob_diff = sums.diff / sums.diff_count if sums.diff_count else None
+    report.max_tail_diff = sums.tail_max

@@ -1,15 +1,15 @@
 """`kdcache train`: distill a student from a cache alone (the teacher is never loaded).
 
-The loop is kept readable in one screen (`_train`); evaluation, checkpoints and logging are small helpers beside it.
-The same command runs as one process or under ``torchrun --nproc_per_node N`` (DDP, see
-:mod:`kdcache.train.distributed`): each rank reads its own shards, gradients are all-reduced, held-out sums are
+`_train` builds the run and loops over two named steps: `_optimizer_step` (micro-batches, loss scaling, clipping, the
+step's record) and `_evaluate_and_maybe_save` (held-out figures, best tracking, patience); checkpoints are
+:mod:`kdcache.train.checkpoint`'s. The same command runs as one process or under ``torchrun --nproc_per_node N`` (DDP,
+see :mod:`kdcache.train.distributed`): each rank reads its own shards, gradients are all-reduced, held-out sums are
 reduced over ranks, and rank 0 alone writes checkpoints, metrics, TensorBoard logs and the progress bar.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -27,22 +27,15 @@ import torch
 from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
 from kdcache.train.objective import DistillationObjective, check_loss_for_cache
-from kdcache.train.student import (
-    load_student,
-    make_optimizer,
-    require_bitsandbytes,
-    resolve_precision,
-    trainable_state,
-)
+from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
-CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
-DIGEST_ENV = "KDCACHE_PARAM_DIGESTS"  # set to 1: each rank writes param-digest-rank<r>.json at the end (tests)
 
 log = logging.getLogger(__name__)
 
@@ -101,77 +94,10 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
             "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 def _seed_rank(seed: int, dist: Distributed) -> None:
     """Under DDP, give each rank its own random stream (dropout masks) once the model is built identically."""
     if dist.enabled:
         random.seed(seed + dist.rank), np.random.seed(seed + dist.rank), torch.manual_seed(seed + dist.rank)
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset, state: dict,
-                    dist: Distributed | None = None) -> None:
-    """Write the checkpoint into a fresh folder, then swap it in, so a kill never leaves a half checkpoint.
-
-    Model, optimizer, scheduler and scaler are the same on every rank; the loader position and RNG state are each
-    rank's own, so they are gathered and kept as one entry per rank. Rank 0 writes; the barrier after it keeps every
-    rank from going on (or exiting) before the checkpoint is complete.
-    """
-    dist = dist or Distributed()
-    per_rank = dist.all_gather({"loader": loader.state_dict(), "rng": _rng_state()})
-    if dist.is_main:
-        staging = out / f".{CHECKPOINT}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
-                    "world_size": dist.world_size}, staging / "state.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        final, old = out / CHECKPOINT, out / f".{CHECKPOINT}.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader: CacheDataset,
-                    dist: Distributed | None = None, device: torch.device | str = "cpu") -> dict | None:
-    """Restore a checkpoint (each rank takes its own loader position and RNG state); None when there is none."""
-    dist = dist or Distributed()
-    folder = out / CHECKPOINT
-    if not (folder / "trainer_state.json").exists():
-        return None
-    saved = torch.load(folder / "state.pt", weights_only=False, map_location=device)
-    loaders, rngs = saved["loader"], saved["rng"]
-    if isinstance(loaders, dict):  # written by a single-process run before per-rank entries existed
-        loaders, rngs = [loaders], [rngs]
-    if len(loaders) != dist.world_size:
-        raise BadInputError(
-            f"the checkpoint in {folder} was written by {len(loaders)} process(es) but this run has "
-            f"{dist.world_size}: each rank's loader position is its own, so resume with the same number "
-            f"(torchrun --nproc_per_node {len(loaders)}), or train into a new --out"
-        )
-    params = dict(model.named_parameters())
-    for name, value in saved["trainable"].items():
-        params[name].data.copy_(value)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
-    loader.load_state_dict(loaders[dist.rank])
-    _set_rng_state(rngs[dist.rank])
-    return json.loads((folder / "trainer_state.json").read_text())
 
 
 class MetricsLog:
@@ -238,13 +164,43 @@ class RunLog:
             self.writer.close()
 
 
-def _next_batch(iterator, dataset: CacheDataset):
-    try:
-        return next(iterator), iterator
-    except StopIteration:
-        dataset.set_epoch(dataset.epoch + 1)
-        iterator = iter(dataset)
-        return next(iterator), iterator
+class _Batches:
+    """Training batches without end: when an epoch runs out, the next one starts."""
+
+    def __init__(self, dataset: CacheDataset):
+        self.dataset = dataset
+        self.iterator = iter(dataset)
+
+    def next(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.dataset.set_epoch(self.dataset.epoch + 1)
+            self.iterator = iter(self.dataset)
+            return next(self.iterator)
+
+
+@dataclass
+class _Run:
+    """What a run's steps work on, built once by `_train` on this rank."""
+
+    config: TrainConfig
+    precision: Precision
+    dist: Distributed
+    out: Path
+    tokenizer: object
+    model: torch.nn.Module
+    step_module: torch.nn.Module  # the loss as DDP's module (the objective itself when alone)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_data: CacheDataset
+    heldout: CacheDataset
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.train_data, state,
+                        self.dist)
 
 
 def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResult:
@@ -266,7 +222,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResu
         dist.shutdown()
 
 
-def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
+def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,87 +239,100 @@ def _train(config: TrainConfig, precision, dist: Distributed, stop_after_steps: 
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
-    losses = config.loss
-    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist, precision.device)
+    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist)
     if state is None:
-        state = {"step": 0, "best": None, "evals_since_best": 0, "evals": []}
+        state = TrainState()
         _seed_rank(config.seed, dist)
-    objective = DistillationObjective(model, losses, config.chunk_size, train_data.vocab_size,
+    objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
                                       config.loss.confidence_weight)
     step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
+    run = _Run(config, precision, dist, out, tokenizer, model, step_module, params, optimizer, scheduler, scaler,
+               train_data, heldout)
     if dist.is_main:
         (out / "train_config.json").write_text(json.dumps(to_dict(config), indent=2))
-    run_log = RunLog(out, state["step"], config.tensorboard, active=dist.is_main)
-    result = TrainResult(out=str(out), step=state["step"], evals=state["evals"], is_main=dist.is_main)
+    run_log = RunLog(out, state.step, config.tensorboard, active=dist.is_main)
     from tqdm import tqdm
 
-    bar = tqdm(total=config.max_steps, initial=state["step"], desc="train",
+    bar = tqdm(total=config.max_steps, initial=state.step, desc="train",
                disable=not (config.progress and dist.is_main))
     model.train()
-    iterator = iter(train_data)
-    while state["step"] < config.max_steps:
-        if stop_after_steps is not None and state["step"] - result.step >= stop_after_steps:
+    batches, first_step, stopped_early = _Batches(train_data), state.step, False
+    while state.step < config.max_steps and not stopped_early:
+        if stop_after_steps is not None and state.step - first_step >= stop_after_steps:
             break
-        started, tokens, wait = time.perf_counter(), 0, 0.0
-        step_loss, step_parts = 0.0, {}  # means over the micro-batches of this step
-        for micro in range(config.grad_accum):
-            waited = time.perf_counter()
-            batch, iterator = _next_batch(iterator, train_data)
-            wait += time.perf_counter() - waited
-            batch = batch.to(precision.device)
-            with sync_context(step_module, sync=micro == config.grad_accum - 1):  # all-reduce on the last only
-                with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
-                                    enabled=precision.autocast_dtype is not None):
-                    loss, parts = step_module(batch)
-                scaler.scale(loss / config.grad_accum).backward()
-            step_loss = step_loss + loss.detach() / config.grad_accum  # tensors: no device sync per micro-batch
-            for key, value in parts.items():
-                step_parts[key] = step_parts.get(key, 0.0) + value.detach() / config.grad_accum
-            tokens += batch.num_tokens
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)  # grads are already the ranks' mean
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        record = _step_record(state["step"], step_loss, step_parts, tokens, wait, started, dist, precision.device)
-        record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
-        if precision.device.type == "cuda":
-            record["max_memory_gib"] = torch.cuda.max_memory_allocated(precision.device) / 2**30
+        record = _optimizer_step(run, batches, state.step + 1)
+        state.step += 1
         run_log.write(record)
-        postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
-        if "max_memory_gib" in record:
-            postfix["mem"] = f"{record['max_memory_gib']:.1f}G"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if config.eval_every and state["step"] % config.eval_every == 0:
-            metrics = {"step": state["step"],
-                       **evaluate(model, heldout, losses, precision, config.chunk_size, dist)}
-            run_log.write(metrics)
-            state["evals"].append(metrics)
-            if state["best"] is None or metrics["heldout_kd"] < state["best"]:
-                state["best"], state["evals_since_best"] = metrics["heldout_kd"], 0
-                if dist.is_main:
-                    save_student(model, tokenizer, out / "best")
-            else:
-                state["evals_since_best"] += 1
-            if config.patience is not None and state["evals_since_best"] >= config.patience:
-                result.stopped_early = True
-        if state["step"] % config.save_every == 0 or state["step"] == config.max_steps or result.stopped_early:
+        _show_progress(bar, record)
+        if config.eval_every and state.step % config.eval_every == 0:
+            stopped_early = _evaluate_and_maybe_save(run, state, run_log)
+        if state.step % config.save_every == 0 or state.step == config.max_steps or stopped_early:
             run_log.flush()
-            save_checkpoint(out, model, optimizer, scheduler, scaler, train_data, state, dist)
-        if result.stopped_early:
-            break
+            run.save_checkpoint(state)
     bar.close()
     run_log.close()
-    if (state["step"] >= config.max_steps or result.stopped_early) and dist.is_main:
+    if (state.step >= config.max_steps or stopped_early) and dist.is_main:
         save_student(model, tokenizer, out / "final")
-    if os.environ.get(DIGEST_ENV) == "1":
-        write_param_digest(out, model, dist, state["step"])
     dist.barrier()
-    result.step, result.evals = state["step"], state["evals"]
-    return result
+    return TrainResult(out=str(out), step=state.step, evals=state.evals, stopped_early=stopped_early,
+                       is_main=dist.is_main)
+
+
+def _optimizer_step(run: _Run, batches: _Batches, step: int) -> dict:
+    """Optimizer step number ``step``: ``grad_accum`` micro-batches (DDP all-reduces on the last only), loss scaling,
+    gradient clipping, the schedule; returns the step's record (losses, lr, gradient norm, tokens/s, loader wait)."""
+    config, device = run.config, run.precision.device
+    started, tokens, wait = time.perf_counter(), 0, 0.0
+    step_loss, step_parts = 0.0, {}  # means over the micro-batches of this step
+    for micro in range(config.grad_accum):
+        waited = time.perf_counter()
+        batch = batches.next()
+        wait += time.perf_counter() - waited
+        batch = batch.to(device)
+        with sync_context(run.step_module, sync=micro == config.grad_accum - 1):  # all-reduce on the last only
+            with torch.autocast(device.type, dtype=run.precision.autocast_dtype,
+                                enabled=run.precision.autocast_dtype is not None):
+                loss, parts = run.step_module(batch)
+            run.scaler.scale(loss / config.grad_accum).backward()
+        step_loss = step_loss + loss.detach() / config.grad_accum  # tensors: no device sync per micro-batch
+        for key, value in parts.items():
+            step_parts[key] = step_parts.get(key, 0.0) + value.detach() / config.grad_accum
+        tokens += batch.num_tokens
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.clip_grad)  # grads are already the ranks' mean
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    record = _step_record(step, step_loss, step_parts, tokens, wait, started, run.dist, device)
+    record.update(lr=run.scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+    if device.type == "cuda":
+        record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
+def _show_progress(bar, record: dict) -> None:
+    postfix = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+    if "max_memory_gib" in record:
+        postfix["mem"] = f"{record['max_memory_gib']:.1f}G"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
+
+
+def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> bool:
+    """Held-out figures at ``state.step``, logged and kept in ``state``; a new best is saved to best/. True when
+    ``patience`` evaluations have passed without a new best (stop early)."""
+    metrics = {"step": state.step, **evaluate(run.model, run.heldout, run.config.loss, run.precision,
+                                              run.config.chunk_size, run.dist)}
+    run_log.write(metrics)
+    state.evals.append(metrics)
+    if state.best is None or metrics["heldout_kd"] < state.best:
+        state.best, state.evals_since_best = metrics["heldout_kd"], 0
+        if run.dist.is_main:
+            save_student(run.model, run.tokenizer, run.out / "best")
+    else:
+        state.evals_since_best += 1
+    return run.config.patience is not None and state.evals_since_best >= run.config.patience
 
 
 def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started: float, dist: Distributed,
@@ -376,17 +345,6 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     record = {"step": step, "loss": sums[0] / n, **{k: v / n for k, v in zip(keys, sums[1:-2])}}
     record.update(tokens_per_s=sums[-2] / seconds, loader_wait_s=sums[-1] / n)
     return record
-
-
-def write_param_digest(out: Path, model, dist: Distributed, step: int) -> None:
-    """sha256 of every trainable parameter's bytes, one file per rank: DDP ranks must agree bit for bit (tests)."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    record = {"rank": dist.rank, "world_size": dist.world_size, "step": step, "sha256": digest.hexdigest()}
-    (out / f"param-digest-rank{dist.rank}.json").write_text(json.dumps(record))
 
 
 def save_student(model, tokenizer, folder: Path) -> None:
