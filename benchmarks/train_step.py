@@ -153,13 +153,13 @@ def main() -> None:
     steps = {"sft": lambda b: sft_loss(model, b), "kd": lambda b: kd_loss(model, b, args.chunk_size)}
     peaks = {}
     for name, fn in steps.items():  # warm-up, and peak memory of one step each
-        peaks[name] = peak_of(precision, lambda: timed_step(model, optimizer, scaler, precision,
-                                                            lambda: fn(batches[0])))
+        peaks[name] = peak_of(precision, lambda fn=fn: timed_step(model, optimizer, scaler, precision,
+                                                                  lambda: fn(batches[0])))
     times = {"sft": [], "kd": []}
     for repeat in range(args.repeats):  # alternate, so drifts hit both alike
         for name in (("sft", "kd") if repeat % 2 == 0 else ("kd", "sft")):
             times[name].append(timed_step(model, optimizer, scaler, precision,
-                                          lambda: steps[name](batches[repeat % 2])))
+                                          lambda name=name, repeat=repeat: steps[name](batches[repeat % 2])))
     sft, kd = statistics.median(times["sft"]), statistics.median(times["kd"])
     tokens = args.batch_size * args.seq_len
     device = torch.cuda.get_device_name(0) if precision.device.type == "cuda" else platform.processor() or "cpu"

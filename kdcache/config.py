@@ -126,63 +126,75 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _bad(where: str, requirement: str, value: Any) -> BadInputError:
+    return BadInputError(f"config key '{where}' must be {requirement}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
+    """bool, int, float or str: check the value and convert what YAML leaves ambiguous ("3e-4" as a string)."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(where, "true or false", value)
+    if isinstance(value, bool):
+        raise _bad(where, {int: "an integer", float: "a number", str: "a string"}[tp], value)
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        raise _bad(where, "an integer", value)
+    if tp is float:
+        if isinstance(value, (int, float, str)):  # strings too: YAML 1.1 reads "3e-4" (no dot) as one
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _bad(where, "a number", value)
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise _bad(where, "a string", value)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except BadInputError as exc:
+            errors.append(str(exc))
+    raise BadInputError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp` (simple types only) and convert what YAML leaves ambiguous."""
     origin = typing.get_origin(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise BadInputError(f"config key '{where}' must be a mapping, got {value!r}")
+            raise _bad(where, "a mapping", value)
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except BadInputError as exc:
-                errors.append(str(exc))
-        raise BadInputError(errors[0] if errors else f"config key '{where}': bad value {value!r}")
+        return _coerce_union(value, tp, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise BadInputError(f"config key '{where}' must be one of {list(allowed)}, got {value!r}")
+            raise _bad(where, f"one of {list(allowed)}", value)
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [value]
+        value = [value] if isinstance(value, str) else value
         if not isinstance(value, list):
-            raise BadInputError(f"config key '{where}' must be a list, got {value!r}")
+            raise _bad(where, "a list", value)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise BadInputError(f"config key '{where}' must be a mapping, got {value!r}")
+            raise _bad(where, "a mapping", value)
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise BadInputError(f"config key '{where}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise BadInputError(f"config key '{where}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise BadInputError(f"config key '{where}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise BadInputError(f"config key '{where}' must be a string, got {value!r}")
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(value, tp, where)
     return value
 
 

@@ -23,7 +23,6 @@ All functions take and return log-space tensors; shapes are in each docstring.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch

@@ -182,7 +182,7 @@ def check_criteria(criteria: list[Criterion], runs: dict[str, dict], names: dict
         who = f"{names.get(c.run, c.run)} {c.metric}"
         shown = "n/a" if value is None else f"{value:.4g}"
 
-        def record(description: str, passed: bool, bound: float | None) -> None:
+        def record(description: str, passed: bool, bound: float | None, c=c, value=value) -> None:
             if value is None:
                 description += " (value not available: counts as failed)"
             results.append(CheckResult(c, description, passed and value is not None, value, bound))
