@@ -12,7 +12,7 @@ from conftest import make_config
 from kdcache.errors import CacheFormatError
 from kdcache.store.reader import CacheReader
 from kdcache.teacher.build import build_cache
-from kdcache.train.loader import CacheBatch, CacheDataLoader, CacheDataset, heldout_mask
+from kdcache.train.loader import CacheBatch, CacheDataLoader, CacheDataset, LoaderSettings, LoaderState, heldout_mask
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,91 @@ def test_corrupt_shard_raises_cache_format_error_naming_it(cache, tmp_path, how)
     if how == "flip":
         with pytest.raises(CacheFormatError, match="shard 00002 of"):  # also from a worker process
             list(CacheDataLoader(CacheDataset(damaged, batch_size=2, split="all"), num_workers=2))
+
+
+# ---------------------------------------------------------------- settings and the saved state
+
+# What a loader state records as its settings: checkpoints written before LoaderSettings existed hold these keys.
+RECORDED_SETTINGS = {"seed", "shuffle", "rank", "world_size", "batch_size", "max_tokens", "buffer_shards", "split",
+                     "heldout_fraction", "split_seed", "pad_to_multiple_of", "drop_last", "k_prime"}
+
+
+def test_settings_record_the_same_keys_as_before():
+    settings = LoaderSettings(batch_size=2, rank=0, world_size=1)
+    assert set(settings.to_dict()) == RECORDED_SETTINGS
+    assert LoaderSettings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(ValueError, match="pad_id is not a loader setting"):
+        LoaderSettings.from_dict({**settings.to_dict(), "pad_id": 0})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "give batch_size, max_tokens"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ({"max_tokens": 1.5}, "max_tokens must be a positive integer, got 1.5"),
+        ({"batch_size": 2, "k_prime": 0}, "k_prime must be a positive integer, got 0"),
+        ({"batch_size": 2, "buffer_shards": 0}, "buffer_shards must be >= 1, got 0"),
+        ({"batch_size": 2, "pad_to_multiple_of": 0}, "pad_to_multiple_of must be >= 1, got 0"),
+        ({"batch_size": 2, "split": "test"}, "split must be one of train, heldout, all, got 'test'"),
+        ({"batch_size": 2, "heldout_fraction": 1.5}, r"heldout_fraction must be in \[0, 1\], got 1.5"),
+        ({"batch_size": 2, "world_size": 0}, "world_size must be >= 1, got 0"),
+        ({"batch_size": 2, "rank": 2, "world_size": 2}, "rank must be >= 0 and below world_size=2, got 2"),
+        ({"batch_size": 2, "rank": -1}, "rank must be >= 0, got -1"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_setting(options, message):
+    with pytest.raises(ValueError, match=message):
+        LoaderSettings(**options)
+
+
+def test_settings_are_normalised_and_placed():
+    settings = LoaderSettings(batch_size=2, seed=np.int64(3), heldout_fraction=0, shuffle=1)
+    assert (type(settings.seed), settings.heldout_fraction, settings.shuffle) == (int, 0.0, True)
+    assert (settings.rank, settings.world_size) == (None, None)
+    assert (settings.placed().rank, settings.placed().world_size) == (0, 1)  # torch.distributed is not initialised
+    assert LoaderSettings(batch_size=2, rank=1, world_size=3).placed().rank == 1
+
+
+def test_dataset_takes_settings_or_their_fields(cache):
+    settings = LoaderSettings(max_tokens=700, seed=5, split="all")
+    by_settings, by_keywords = CacheDataset(cache, settings), CacheDataset(cache, max_tokens=700, seed=5, split="all")
+    assert by_settings.settings == by_keywords.settings == settings.placed()
+    assert indices(list(by_settings)) == indices(list(by_keywords))
+    assert by_settings.state_dict() == by_keywords.state_dict()
+    with pytest.raises(TypeError, match="not both"):
+        CacheDataset(cache, settings, seed=1)
+    assert CacheDataset(cache, settings, pad_id=7).pad_id == 7
+
+
+def test_a_state_written_before_loader_settings_still_loads(cache):
+    old = {"epoch": 1, "batches": 3, "num_workers": 1, "worker_batches": [3], "next_worker": 0,
+           "settings": {"seed": 11, "shuffle": True, "rank": 0, "world_size": 1, "batch_size": 2, "max_tokens": None,
+                        "buffer_shards": 1, "split": "train", "heldout_fraction": 0.0, "split_seed": 0,
+                        "pad_to_multiple_of": 1, "drop_last": False, "k_prime": None}}
+    dataset = CacheDataset(cache, batch_size=2, seed=11)
+    dataset.set_epoch(1)
+    full = indices(list(dataset))
+    resumed = CacheDataset(cache, batch_size=2, seed=11)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == old
+    assert indices(list(resumed)) == full[3:]
+    bare = CacheDataset(cache, batch_size=2, seed=11)
+    bare.load_state_dict({"epoch": 1, "batches": 3})  # a single-process state without per-worker counts
+    assert indices(list(bare)) == full[3:]
+
+
+def test_loader_state_round_trips_and_rotates_workers():
+    settings = LoaderSettings(batch_size=2, rank=0, world_size=1)
+    state = LoaderState.start(2, num_workers=3)
+    for worker in (0, 1, 2, 0):
+        state.note(worker)
+    assert (state.worker_batches, state.next_worker, state.batches) == ([2, 1, 1], 1, 4)
+    saved = state.to_dict(settings)
+    assert saved == {"epoch": 2, "batches": 4, "num_workers": 3, "worker_batches": [2, 1, 1], "next_worker": 1,
+                     "settings": settings.to_dict()}
+    back = LoaderState.from_dict(saved)
+    assert back == state and [back.logical_worker(w) for w in range(3)] == [1, 2, 0]
+    with pytest.raises(ValueError, match="2 worker counts for 3 workers"):
+        LoaderState.from_dict({**saved, "worker_batches": [1, 1]})

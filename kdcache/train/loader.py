@@ -1,17 +1,14 @@
 """Stream training batches from a finished cache: sharded across ranks and workers, shuffled, resumable.
 
-Plan of one epoch (all of it a pure function of seed, epoch, rank, world size and the options, so every run with the
-same settings sees the same batches):
-
-1. The shards are permuted with ``(seed, epoch)`` (``shuffle=False``: stored order).
-2. Rank ``r`` of ``world_size`` takes every ``world_size``-th shard of that order (``order[r::world_size]``). With
-   fewer shards than ranks every rank reads every shard and keeps every ``world_size``-th example of the shard
-   stream instead.
-3. The rank's shards are grouped into buffers of ``buffer_shards`` consecutive shards; buffer ``b`` is produced by
-   DataLoader worker ``b % num_workers``. Each buffer's examples are filtered by ``split``, shuffled with
-   ``(seed, epoch, rank, b)``, and cut into batches: a fixed ``batch_size``, or, with ``max_tokens``, greedily packed
-   after sorting the buffer by length so that each batch's padded size ``B * L <= max_tokens`` (the batch order is then
-   shuffled again, so long and short batches alternate at random).
+* :class:`LoaderSettings`: what decides a rank's batches of an epoch, validated when made; a saved state records
+  its ``to_dict`` and is only loaded into a dataset with the same settings.
+* :mod:`kdcache.train.batching`: the plan of an epoch, pure functions of the settings: the shards are permuted with
+  ``(seed, epoch)``, rank ``r`` of ``world_size`` takes ``order[r::world_size]`` (with fewer shards than ranks every
+  rank reads every shard and keeps every ``world_size``-th example), in buffers of ``buffer_shards`` (buffer ``b``
+  from DataLoader worker ``b % num_workers``); a buffer's examples are filtered by ``split``, shuffled, and cut into
+  batches of ``batch_size`` or packed to a ``max_tokens`` budget.
+* :class:`CacheDataset` reads the shards, collates (:mod:`kdcache.train.collate`) and keeps its position in the
+  epoch (:class:`LoaderState`).
 
 The set of batches a rank yields in an epoch does not depend on ``num_workers`` (only their interleaving does).
 Ranks may yield different numbers of batches (shards hold different numbers of tokens): a DDP training loop must
@@ -27,212 +24,195 @@ the dataset which batches reached the training loop); with ``num_workers=0`` pla
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
-import numpy as np
-import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.store.reader import CacheReader, CachedExample, split_examples
-from kdcache.targets import SparseTargets
-from kdcache.train.losses import top_k_truncate
+from kdcache.config import ConfigValueError
+from kdcache.store.reader import CachedExample, CacheReader, split_examples
+from kdcache.train.batching import (SPLITS, EpochPlan, ExampleTooLong, batch_positions, buffer_order, heldout_mask,
+                                    plan_epoch)
+from kdcache.train.collate import CacheBatch, LoaderStats, collate_examples
 
-__all__ = [
-    "CacheBatch",
-    "CacheDataLoader",
-    "CacheDataset",
-    "LoaderStats",
-    "collate_examples",
-    "heldout_mask",
-]
-
-SPLITS = ("train", "heldout", "all")
-_STATE_KEYS = ("seed", "shuffle", "rank", "world_size", "batch_size", "max_tokens", "buffer_shards", "split",
-               "heldout_fraction", "split_seed", "pad_to_multiple_of", "drop_last")
+__all__ = ["CacheBatch", "CacheDataLoader", "CacheDataset", "LoaderSettings", "LoaderState", "LoaderStats",
+           "collate_examples", "heldout_mask"]
 
 
 # --------------------------------------------------------------------------------------
-# Batches and statistics
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderSettings:
+    """What decides a rank's batches of an epoch: which examples, grouped how, in which order, with which targets.
+
+    batch_size: examples per batch; with ``max_tokens`` it is an upper bound on the examples per batch.
+    max_tokens: token budget: each batch's padded ``B * L`` (L rounded up to ``pad_to_multiple_of``) is at most this;
+        an example longer than the budget is an error.
+    seed, shuffle: shuffling of shards, buffers and batches; ``set_epoch`` changes the order every epoch.
+    buffer_shards: shards read together and shuffled as one buffer (more = better mixing, more memory).
+    rank, world_size: DDP placement; None: from ``torch.distributed`` if initialised, else 0 of 1 (:meth:`placed`).
+    split: 'train' (examples not held out), 'heldout', or 'all'; heldout_fraction, split_seed: see :func:`heldout_mask`.
+    k_prime: use only the first k' <= k cached entries per position (topk caches), their mass folded into the tail.
+    pad_to_multiple_of: round each batch's length up to a multiple of this.
+    drop_last: drop the final partial batch of each buffer (fixed batch size only).
+
+    The padding id is not a setting (it changes no batch but for the value in padded positions): it is
+    :class:`CacheDataset`'s ``pad_id``. Bad values raise ``ValueError`` ("X must be Y, got Z").
+    """
+
+    batch_size: int | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    buffer_shards: int = 1
+    rank: int | None = None
+    world_size: int | None = None
+    split: str = "train"
+    heldout_fraction: float = 0.0
+    split_seed: int = 0
+    k_prime: int | None = None
+    pad_to_multiple_of: int = 1
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is None and self.max_tokens is None:
+            raise ValueError("give batch_size, max_tokens (a token budget per batch), or both")
+        for name in ("batch_size", "max_tokens", "k_prime"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigValueError(name, "a positive integer", value)
+        if self.buffer_shards < 1:
+            raise ConfigValueError("buffer_shards", ">= 1", self.buffer_shards)
+        if self.pad_to_multiple_of < 1:
+            raise ConfigValueError("pad_to_multiple_of", ">= 1", self.pad_to_multiple_of)
+        if self.split not in SPLITS:
+            raise ConfigValueError("split", f"one of {', '.join(SPLITS)}", self.split)
+        if not 0.0 <= self.heldout_fraction <= 1.0:
+            raise ConfigValueError("heldout_fraction", "in [0, 1]", self.heldout_fraction)
+        if self.world_size is not None and self.world_size < 1:
+            raise ConfigValueError("world_size", ">= 1", self.world_size)
+        if self.rank is not None and (self.rank < 0 or self.world_size is not None and self.rank >= self.world_size):
+            bound = "" if self.world_size is None else f" and below world_size={self.world_size}"
+            raise ConfigValueError("rank", f">= 0{bound}", self.rank)
+        for name, kind in (("seed", int), ("shuffle", bool), ("buffer_shards", int), ("heldout_fraction", float),
+                           ("split_seed", int), ("pad_to_multiple_of", int), ("drop_last", bool),
+                           ("rank", int), ("world_size", int)):
+            if getattr(self, name) is not None:  # numpy scalars, 0/1 for bools: what the state records is plain
+                object.__setattr__(self, name, kind(getattr(self, name)))
+
+    def placed(self) -> LoaderSettings:
+        """These settings with ``rank`` and ``world_size`` given, those left None taken from ``torch.distributed``
+        (0 of 1 when it is not initialised)."""
+        if self.rank is not None and self.world_size is not None:
+            return self
+        rank, world_size = _distributed_placement()
+        return dataclasses.replace(self, rank=rank if self.rank is None else self.rank,
+                                   world_size=world_size if self.world_size is None else self.world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings by name: what a loader state records (``state_dict()['settings']``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoaderSettings:
+        """The settings :meth:`to_dict` gave (an unknown key is a ``ValueError``)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a loader setting; the settings are {', '.join(known)}")
+        return cls(**data)
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """How settings recorded in a loader state (``saved``) differ from these, one line per setting."""
+        return [f"{name}: state has {saved.get(name)!r}, this dataset has {value!r}"
+                for name, value in self.to_dict().items() if saved.get(name) != value]
+
+
+def _distributed_placement() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------
+# Position in an epoch
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
-class CacheBatch:
-    """A padded batch with the teacher's targets for its target positions.
+class LoaderState:
+    """How far an epoch has got: the batches each logical worker has delivered to the training loop.
 
-    Target rows are in row-major order of ``target_mask`` (example by example, positions ascending), i.e. the order of
-    ``target_mask.nonzero()``; ``labels[i]`` is the token at the i-th target position, whose distribution the student
-    reads from the position before it.
+    One record for both uses: the position kept while iterating, and a loaded resume point.
+    epoch: the epoch it refers to.
+    num_workers: DataLoader workers (1 when iterating in-process); the split of buffers between workers depends on it.
+    worker_batches: ``[num_workers]``, batches each logical worker has delivered.
+    next_worker: the logical worker whose batch comes next. A DataLoader asks its workers round-robin from worker 0,
+        so on resuming, worker ``i`` plays logical worker ``(i + next_worker) % num_workers`` (:meth:`logical_worker`)
+        and skips the batches that one had delivered.
     """
 
-    input_ids: Tensor  # long [B, L], right-padded with pad_id
-    attention_mask: Tensor  # long [B, L]
-    target_mask: Tensor  # bool [B, L]
-    targets: SparseTargets  # ids long [N, k], logprobs float32 [N, k], tail_logmass float32 [N] | None, counts | None
-    labels: Tensor  # long [N]
-    example_indices: Tensor  # long [B]: the examples' row indices in the source data
     epoch: int = 0
-    worker: int = 0  # the logical worker that produced the batch (resume bookkeeping)
-    load_seconds: float = 0.0  # time the producer spent reading shards, decoding and collating for this batch
+    num_workers: int = 1
+    worker_batches: list[int] = field(default_factory=lambda: [0])
+    next_worker: int = 0
+
+    @classmethod
+    def start(cls, epoch: int, num_workers: int = 1) -> LoaderState:
+        """Nothing delivered yet in ``epoch``."""
+        return cls(epoch, num_workers, [0] * num_workers, 0)
 
     @property
-    def num_targets(self) -> int:
-        return int(self.labels.shape[0])
+    def batches(self) -> int:
+        return int(sum(self.worker_batches))
 
-    @property
-    def num_tokens(self) -> int:
-        """Real (unpadded) tokens."""
-        return int(self.attention_mask.sum())
+    def copy(self) -> LoaderState:
+        return LoaderState(self.epoch, self.num_workers, list(self.worker_batches), self.next_worker)
 
-    def _map(self, fn) -> "CacheBatch":
-        return CacheBatch(
-            input_ids=fn(self.input_ids),
-            attention_mask=fn(self.attention_mask),
-            target_mask=fn(self.target_mask),
-            targets=self.targets.map(fn),
-            labels=fn(self.labels),
-            example_indices=fn(self.example_indices),
-            epoch=self.epoch,
-            worker=self.worker,
-            load_seconds=self.load_seconds,
+    def logical_worker(self, worker: int) -> int:
+        return (worker + self.next_worker) % self.num_workers
+
+    def note(self, worker: int) -> None:
+        """Logical worker ``worker`` has delivered a batch."""
+        if worker < len(self.worker_batches):
+            self.worker_batches[worker] += 1
+            self.next_worker = (worker + 1) % self.num_workers
+
+    def to_dict(self, settings: LoaderSettings) -> dict[str, Any]:
+        """The saved form (``CacheDataset.state_dict()``), with the settings the counts refer to."""
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "num_workers": self.num_workers,
+            "worker_batches": [int(n) for n in self.worker_batches],
+            "next_worker": int(self.next_worker),
+            "settings": settings.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> LoaderState:
+        """Read a saved state (its settings are checked by the dataset); ``num_workers``, ``worker_batches`` and
+        ``next_worker`` may be missing (states of a single process: ``batches`` is then the count)."""
+        num_workers = int(state.get("num_workers", 1))
+        worker_batches = [int(n) for n in state.get("worker_batches", [int(state["batches"])])]
+        if len(worker_batches) != num_workers:
+            raise ValueError(f"bad loader state: {len(worker_batches)} worker counts for {num_workers} workers")
+        return cls(int(state["epoch"]), num_workers, worker_batches, int(state.get("next_worker", 0)) % num_workers)
+
+
+def _check_num_workers(resume: LoaderState | None, num_workers: int) -> None:
+    if resume is not None and resume.num_workers != num_workers:
+        raise ValueError(
+            f"the loader state was saved with {resume.num_workers} DataLoader worker(s) but this loader has "
+            f"{num_workers}; resume with the same num_workers (the split of shards between workers depends on it)"
         )
-
-    def to(self, device, non_blocking: bool = False) -> "CacheBatch":
-        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "CacheBatch":  # called by DataLoader(pin_memory=True)
-        return self._map(lambda x: x.pin_memory())
-
-
-@dataclass
-class LoaderStats:
-    """Counters for logging, accumulated on the consumer's side.
-
-    ``wait_seconds``: time the training loop was blocked waiting for a batch (the stall that matters);
-    ``load_seconds``: time producers spent reading shards, decoding and collating (summed over workers; with
-    ``num_workers=0`` the two are the same).
-    """
-
-    wait_seconds: float = 0.0
-    load_seconds: float = 0.0
-    batches: int = 0
-    examples: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    targets: int = 0
-
-    def add(self, batch: CacheBatch, wait_seconds: float) -> None:
-        self.wait_seconds += wait_seconds
-        self.load_seconds += batch.load_seconds
-        self.batches += 1
-        self.examples += int(batch.input_ids.shape[0])
-        self.tokens += batch.num_tokens
-        self.padded_tokens += int(batch.input_ids.numel())
-        self.targets += batch.num_targets
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    def reset(self) -> None:
-        for name, value in asdict(LoaderStats()).items():
-            setattr(self, name, value)
-
-
-# --------------------------------------------------------------------------------------
-# Held-out split
-# --------------------------------------------------------------------------------------
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, element-wise on uint64 (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return x
-
-
-def heldout_mask(example_indices, fraction: float, split_seed: int = 0) -> np.ndarray:
-    """Which examples (by source row index) are held out: a hash of (split_seed, index) below ``fraction``.
-
-    Independent of the shuffling seed, the shard layout and everything else, so the held-out set stays the same
-    across runs, rebuilds with other shard sizes, and ranks.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1], got {fraction}")
-    indices = np.asarray(example_indices, dtype=np.int64).astype(np.uint64)
-    key = _mix64(np.array([split_seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    h = _mix64(indices ^ key)
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return u < fraction
-
-
-# --------------------------------------------------------------------------------------
-# Collation
-# --------------------------------------------------------------------------------------
-
-
-def collate_examples(
-    examples: list[CachedExample], pad_id: int = 0, k_prime: int | None = None, pad_to_multiple_of: int = 1,
-    tail_temperatures: tuple[float, ...] = (),
-) -> CacheBatch:
-    """Right-pad examples into a :class:`CacheBatch` (``k_prime``: keep the first k' entries, tail folded exactly;
-    ``tail_temperatures``: the cache's, naming the columns of the examples' ``tail_tempered``)."""
-    if not examples:
-        raise ValueError("cannot collate an empty list of examples")
-    lengths = [len(e.input_ids) for e in examples]
-    length = _round_up(max(lengths), pad_to_multiple_of)
-    b = len(examples)
-    input_ids = np.full((b, length), pad_id, dtype=np.int64)
-    attention = np.zeros((b, length), dtype=np.int64)
-    target = np.zeros((b, length), dtype=bool)
-    labels = []
-    for row, (e, n) in enumerate(zip(examples, lengths)):
-        input_ids[row, :n] = e.input_ids
-        attention[row, :n] = 1
-        target[row, :n] = e.target_mask
-        labels.append(np.asarray(e.input_ids)[np.asarray(e.target_mask, dtype=bool)])
-        if int(np.count_nonzero(e.target_mask)) != e.sparse_ids.shape[0]:
-            raise ValueError(
-                f"example {e.index} has {int(np.count_nonzero(e.target_mask))} target positions but "
-                f"{e.sparse_ids.shape[0]} cached target rows"
-            )
-
-    def cat(arrays, dtype) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=dtype))
-
-    tail = None if examples[0].tail_logmass is None else cat([e.tail_logmass for e in examples], np.float32)
-    counts = None if examples[0].sample_counts is None else cat([e.sample_counts for e in examples], np.int64)
-    grid = None
-    if tail_temperatures and examples[0].tail_tempered is not None:
-        grid = cat([e.tail_tempered for e in examples], np.float32)
-    targets = SparseTargets(
-        ids=cat([e.sparse_ids for e in examples], np.int64),
-        logprobs=cat([e.sparse_logprobs for e in examples], np.float32),
-        tail_logmass=tail,
-        counts=counts,
-        tail_grid=grid,
-        tail_temperatures=tuple(tail_temperatures) if grid is not None else (),
-    )
-    if k_prime is not None and k_prime < targets.ids.shape[1]:
-        targets = top_k_truncate(targets, k_prime).map(Tensor.contiguous)
-    return CacheBatch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention),
-        target_mask=torch.from_numpy(target),
-        targets=targets,
-        labels=cat(labels, np.int64),
-        example_indices=torch.tensor([e.index for e in examples], dtype=torch.long),
-    )
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # --------------------------------------------------------------------------------------
@@ -240,116 +220,42 @@ def _round_up(n: int, multiple: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Resume:
-    epoch: int
-    num_workers: int
-    worker_batches: list[int]
-    next_worker: int
-
-
-@dataclass
-class _Progress:
-    epoch: int = 0
-    num_workers: int = 1
-    worker_batches: list[int] = field(default_factory=lambda: [0])
-    next_worker: int = 0
-
-
 class CacheDataset(IterableDataset):
     """Batches of a cache, as an ``IterableDataset`` (use ``DataLoader(dataset, batch_size=None)`` or
     :class:`CacheDataLoader`; the dataset batches by itself).
 
-    cache: path or fsspec URL of a finished cache. storage_options: for fsspec. tokenizer: if given, it must match
-    the cache's.
-    batch_size: examples per batch; with ``max_tokens`` it is an upper bound on the examples per batch.
-    max_tokens: token budget: each batch's padded ``B * L`` (L rounded up to ``pad_to_multiple_of``) is at most this;
-        an example longer than the budget is an error.
-    seed, shuffle: shuffling of shards, buffers and batches; ``set_epoch`` changes the order every epoch.
-    buffer_shards: shards read together and shuffled as one buffer (more = better mixing, more memory).
-    rank, world_size: DDP placement (default: from ``torch.distributed`` if initialised, else 0 of 1).
-    split: 'train' (examples not held out), 'heldout', or 'all'; heldout_fraction, split_seed: see :func:`heldout_mask`.
-    k_prime: use only the first k' <= k cached entries per position (topk caches), their mass folded into the tail.
-    pad_id: defaults to the cache tokenizer's eos id (0 if it has none).
-    drop_last: drop the final partial batch of each buffer (fixed batch size only).
+    cache: path or fsspec URL of a finished cache. settings: a :class:`LoaderSettings`, or give its fields as keyword
+    arguments instead (``CacheDataset(url, batch_size=8, split="heldout")``).
+    pad_id: the id in padded positions; defaults to the cache tokenizer's eos id (0 if it has none).
+    tokenizer: if given, it must match the cache's. storage_options: for fsspec.
     """
 
-    def __init__(
-        self,
-        cache: str,
-        *,
-        batch_size: int | None = None,
-        max_tokens: int | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        buffer_shards: int = 1,
-        rank: int | None = None,
-        world_size: int | None = None,
-        split: str = "train",
-        heldout_fraction: float = 0.0,
-        split_seed: int = 0,
-        k_prime: int | None = None,
-        pad_id: int | None = None,
-        pad_to_multiple_of: int = 1,
-        drop_last: bool = False,
-        tokenizer=None,
-        storage_options: dict | None = None,
-    ):
+    def __init__(self, cache: str, settings: LoaderSettings | None = None, *, pad_id: int | None = None,
+                 tokenizer=None, storage_options: dict | None = None, **options):
         super().__init__()
-        if batch_size is None and max_tokens is None:
-            raise ValueError("give batch_size, max_tokens (a token budget per batch), or both")
-        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if buffer_shards < 1:
-            raise ValueError(f"buffer_shards must be >= 1, got {buffer_shards}")
-        if pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if not 0.0 <= heldout_fraction <= 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-        if rank is None or world_size is None:
-            dist_rank, dist_world = _distributed_placement()
-            rank = dist_rank if rank is None else rank
-            world_size = dist_world if world_size is None else world_size
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-
+        if settings is None:
+            settings = LoaderSettings(**options)
+        elif options:
+            raise TypeError(f"give settings or their fields as keywords, not both (got {', '.join(sorted(options))})")
+        self.settings = settings.placed()
         self.url = cache
         self.storage_options = storage_options
         reader = CacheReader(cache, tokenizer=tokenizer, storage_options=storage_options)
         self.manifest = reader.manifest
         self._reader: CacheReader | None = reader
-        sparsifier = self.manifest.sparsifier
+        k_prime, sparsifier = self.settings.k_prime, self.manifest.sparsifier
         if k_prime is not None:
             if sparsifier.kind != "topk":
                 raise ValueError(f"k_prime applies to topk caches; this cache is '{sparsifier.kind}'")
-            if isinstance(k_prime, bool) or not isinstance(k_prime, int) or not 1 <= k_prime <= sparsifier.k:
-                raise ValueError(
-                    f"k_prime must be an integer in [1, {sparsifier.k}] (the cache's k), got {k_prime!r}"
-                )
-
-        self.batch_size = batch_size
-        self.max_tokens = max_tokens
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.buffer_shards = int(buffer_shards)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.split = split
-        self.heldout_fraction = float(heldout_fraction)
-        self.split_seed = int(split_seed)
-        self.k_prime = k_prime
+            if k_prime > sparsifier.k:
+                raise ConfigValueError("k_prime", f"an integer in [1, {sparsifier.k}] (the cache's k)", k_prime)
         eos = self.manifest.tokenizer.eos_token_id
         self.pad_id = int(pad_id if pad_id is not None else (eos if eos is not None else 0))
-        self.pad_to_multiple_of = int(pad_to_multiple_of)
-        self.drop_last = bool(drop_last)
 
         self.stats = LoaderStats()
         self._epoch = 0
-        self._resume: _Resume | None = None
-        self._progress = _Progress()
+        self._resume: LoaderState | None = None  # loaded by load_state_dict, applied by the next iteration
+        self._progress = LoaderState()  # of the current (or last) iteration, kept on the consumer's side
 
     # ---------------------------------------------------------------- properties
 
@@ -388,65 +294,38 @@ class CacheDataset(IterableDataset):
     def state_dict(self) -> dict:
         """Epoch and batches delivered so far in it (total and per logical worker), plus the settings they refer to."""
         if self._resume is not None:
-            p = _Progress(self._resume.epoch, self._resume.num_workers, list(self._resume.worker_batches),
-                          self._resume.next_worker)
+            position = self._resume
         elif self._progress.epoch == self._epoch:
-            p = self._progress
+            position = self._progress
         else:  # nothing iterated yet in this epoch
-            p = _Progress(self._epoch, 1, [0], 0)
-        return {
-            "epoch": p.epoch,
-            "batches": int(sum(p.worker_batches)),
-            "num_workers": p.num_workers,
-            "worker_batches": [int(n) for n in p.worker_batches],
-            "next_worker": int(p.next_worker),
-            "settings": self._settings(),
-        }
+            position = LoaderState.start(self._epoch)
+        return position.to_dict(self.settings)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration is of ``state['epoch']`` and skips the batches it says were delivered."""
         saved = state.get("settings")
-        if saved is not None:
-            diffs = [f"{k}: state has {saved.get(k)!r}, this dataset has {v!r}"
-                     for k, v in self._settings().items() if saved.get(k) != v]
-            if diffs:
-                raise ValueError("the loader state was saved with other settings, so its batch counts do not apply: "
-                                 + "; ".join(diffs))
-        num_workers = int(state.get("num_workers", 1))
-        worker_batches = [int(n) for n in state.get("worker_batches", [int(state["batches"])])]
-        if len(worker_batches) != num_workers:
-            raise ValueError(f"bad loader state: {len(worker_batches)} worker counts for {num_workers} workers")
-        self._epoch = int(state["epoch"])
-        self._resume = _Resume(self._epoch, num_workers, worker_batches, int(state.get("next_worker", 0)) % num_workers)
+        diffs = [] if saved is None else self.settings.differences(saved)
+        if diffs:
+            raise ValueError("the loader state was saved with other settings, so its batch counts do not apply: "
+                             + "; ".join(diffs))
+        self._resume = LoaderState.from_dict(state)
+        self._epoch = self._resume.epoch
 
-    def _settings(self) -> dict:
-        return {key: getattr(self, key) for key in _STATE_KEYS} | {"k_prime": self.k_prime}
-
-    def _active_resume(self) -> _Resume | None:
+    def _active_resume(self) -> LoaderState | None:
         """The loaded resume state if it applies to this epoch and skips anything."""
         r = self._resume
-        return r if r is not None and r.epoch == self._epoch and sum(r.worker_batches) > 0 else None
+        return r if r is not None and r.epoch == self._epoch and r.batches > 0 else None
 
-    def _begin_iteration(self, num_workers: int) -> _Resume | None:
+    def _begin_iteration(self, num_workers: int) -> LoaderState | None:
         """Consumer side: start bookkeeping for an iteration with ``num_workers`` workers; returns the resume used."""
         num_workers = max(1, num_workers)
         resume = self._active_resume()
-        if resume is not None and resume.num_workers != num_workers:
-            raise ValueError(
-                f"the loader state was saved with {resume.num_workers} DataLoader worker(s) but this loader has "
-                f"{num_workers}; resume with the same num_workers (the split of shards between workers depends on it)"
-            )
-        if resume is not None:
-            self._progress = _Progress(self._epoch, num_workers, list(resume.worker_batches), resume.next_worker)
-        else:
-            self._progress = _Progress(self._epoch, num_workers, [0] * num_workers, 0)
+        _check_num_workers(resume, num_workers)
+        self._progress = resume.copy() if resume is not None else LoaderState.start(self._epoch, num_workers)
         return resume
 
     def _note_consumed(self, batch: CacheBatch, wait_seconds: float) -> None:
-        p = self._progress
-        if batch.worker < len(p.worker_batches):
-            p.worker_batches[batch.worker] += 1
-            p.next_worker = (batch.worker + 1) % p.num_workers
+        self._progress.note(batch.worker)
         self.stats.add(batch, wait_seconds)
 
     # ---------------------------------------------------------------- iteration
@@ -459,11 +338,7 @@ class CacheDataset(IterableDataset):
             return self._tracked(self._produce(0, 1, resume))
         # A worker: the consumer side (CacheDataLoader) tracks; the resume state came with the pickled dataset.
         resume = self._active_resume()
-        if resume is not None and resume.num_workers != info.num_workers:
-            raise ValueError(
-                f"the loader state was saved with {resume.num_workers} DataLoader worker(s) but this loader has "
-                f"{info.num_workers}; resume with the same num_workers"
-            )
+        _check_num_workers(resume, info.num_workers)
         return self._produce(info.id, info.num_workers, resume)
 
     def _tracked(self, batches: Iterator[CacheBatch]) -> Iterator[CacheBatch]:
@@ -471,35 +346,27 @@ class CacheDataset(IterableDataset):
             self._note_consumed(batch, batch.load_seconds)
             yield batch
 
-    def _plan(self) -> tuple[list[list[int]], list[int], int | None]:
-        """This rank's buffers (lists of shard indices) for the current epoch, the number of examples stored before
-        each buffer in the rank's shard stream, and the example stride across ranks (None: shards are split)."""
-        order = np.arange(self.num_shards)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self._epoch, 0]).permutation(self.num_shards)
-        if self.num_shards >= self.world_size:
-            mine, stride = order[self.rank :: self.world_size], None
-        else:  # fewer shards than ranks: everyone reads every shard and keeps every world_size-th example
-            mine, stride = order, self.world_size
-        mine = [int(s) for s in mine]
-        buffers = [mine[i : i + self.buffer_shards] for i in range(0, len(mine), self.buffer_shards)]
-        sizes = [sum(self.manifest.shards[s].num_examples for s in buffer) for buffer in buffers]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if buffers else []
-        return buffers, offsets, stride
+    def _plan(self) -> EpochPlan:
+        s = self.settings
+        sizes = [self.manifest.shards[shard].num_examples for shard in range(self.num_shards)]
+        return plan_epoch(sizes, seed=s.seed, epoch=self._epoch, shuffle=s.shuffle, rank=s.rank,
+                          world_size=s.world_size, buffer_shards=s.buffer_shards)
 
-    def _produce(self, worker: int, num_workers: int, resume: _Resume | None) -> Iterator[CacheBatch]:
-        logical = worker if resume is None else (worker + resume.next_worker) % num_workers
-        skip = 0 if resume is None else resume.worker_batches[logical]
-        buffers, offsets, stride = self._plan()
+    def _produce(self, worker: int, num_workers: int, resume: LoaderState | None) -> Iterator[CacheBatch]:
+        """Worker ``worker`` of ``num_workers``'s batches of the epoch, less those ``resume`` says were delivered."""
+        position = resume if resume is not None else LoaderState.start(self._epoch, num_workers)
+        logical = position.logical_worker(worker)
+        skip = position.worker_batches[logical]
+        plan = self._plan()
+        s = self.settings
         produced = 0
         t0 = time.perf_counter()
-        for b in range(logical, len(buffers), num_workers):
-            examples = self._buffer_examples(b, buffers[b], offsets[b], stride)
-            for group in self._batches(b, examples):
+        for b in plan.buffers_of(logical, num_workers):
+            for group in self._buffer_batches(plan, b):
                 if produced < skip:
                     produced += 1
                     continue
-                batch = collate_examples(group, self.pad_id, self.k_prime, self.pad_to_multiple_of,
+                batch = collate_examples(group, self.pad_id, s.k_prime, s.pad_to_multiple_of,
                                          self.manifest.sparsifier.tail_temperatures or ())
                 batch.epoch, batch.worker = self._epoch, logical
                 batch.load_seconds = time.perf_counter() - t0
@@ -507,58 +374,28 @@ class CacheDataset(IterableDataset):
                 yield batch
                 t0 = time.perf_counter()
 
-    def _buffer_examples(self, b: int, shards: list[int], offset: int, stride: int | None) -> list[CachedExample]:
-        examples: list[CachedExample] = []
-        for shard in shards:
-            examples.extend(split_examples(self.reader.read_shard(shard)))  # CacheFormatError propagates as is
-        if stride is not None:  # example j of the (shared) shard stream belongs to rank j % world_size
-            examples = examples[(self.rank - offset) % stride :: stride]
-        if self.split != "all" and examples:
-            held = heldout_mask([e.index for e in examples], self.heldout_fraction, self.split_seed)
-            keep = held if self.split == "heldout" else ~held
-            examples = [e for e, k in zip(examples, keep) if k]
-        if self.shuffle and examples:
-            rng = np.random.default_rng([self.seed, self._epoch, 1, self.rank, b])
-            examples = [examples[i] for i in rng.permutation(len(examples))]
-        return examples
-
-    def _batches(self, b: int, examples: list[CachedExample]) -> list[list[CachedExample]]:
-        if not examples:
-            return []
-        if self.max_tokens is None:
-            groups = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
-            if self.drop_last and len(groups[-1]) < self.batch_size:
-                groups.pop()
-            return groups
-        lengths = np.array([len(e.input_ids) for e in examples])
-        groups, current, width = [], [], 0
-        for i in np.argsort(lengths, kind="stable"):  # shuffled first, so equal lengths come in random order
-            padded = _round_up(int(lengths[i]), self.pad_to_multiple_of)
-            if padded > self.max_tokens:
-                raise ValueError(
-                    f"example {examples[i].index} of {self.url} has {int(lengths[i])} tokens (padded to {padded}), "
-                    f"more than max_tokens={self.max_tokens}; raise max_tokens to at least the cache's max_length "
-                    f"({self.manifest.max_length})"
-                )
-            full = self.batch_size is not None and len(current) >= self.batch_size
-            if current and (full or (len(current) + 1) * max(width, padded) > self.max_tokens):
-                groups.append(current)
-                current, width = [], 0
-            current.append(examples[i])
-            width = max(width, padded)
-        groups.append(current)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self._epoch, 2, self.rank, b])
-            groups = [groups[i] for i in rng.permutation(len(groups))]
-        return groups
-
-
-def _distributed_placement() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    def _buffer_batches(self, plan: EpochPlan, b: int) -> list[list[CachedExample]]:
+        """Read buffer ``b``'s shards and cut the rank's examples into batches (see :mod:`kdcache.train.batching`)."""
+        s = self.settings
+        stored: list[CachedExample] = []
+        for shard in plan.buffers[b]:
+            stored.extend(split_examples(self.reader.read_shard(shard)))  # CacheFormatError propagates as is
+        order = buffer_order([e.index for e in stored], plan=plan, buffer=b, rank=s.rank, split=s.split,
+                             heldout_fraction=s.heldout_fraction, split_seed=s.split_seed, shuffle=s.shuffle,
+                             seed=s.seed, epoch=self._epoch)
+        examples = [stored[i] for i in order]
+        try:
+            groups = batch_positions([len(e.input_ids) for e in examples], batch_size=s.batch_size,
+                                     max_tokens=s.max_tokens, pad_to_multiple_of=s.pad_to_multiple_of,
+                                     drop_last=s.drop_last, shuffle=s.shuffle, seed=s.seed, epoch=self._epoch,
+                                     rank=s.rank, buffer=b)
+        except ExampleTooLong as exc:
+            raise ValueError(
+                f"example {examples[exc.position].index} of {self.url} has {exc.length} tokens (padded to "
+                f"{exc.padded}), more than max_tokens={exc.max_tokens}; raise max_tokens to at least the cache's "
+                f"max_length ({self.manifest.max_length})"
+            ) from None
+        return [[examples[i] for i in group] for group in groups]
 
 
 class CacheDataLoader(DataLoader):
