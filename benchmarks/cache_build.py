@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--distill", choices=["target", "all"], default="target",
                    help="target: answer tokens only; all: every token after the first")
     d.add_argument("--k", type=int, default=64, help="top-k of the timed builds (and of the read benchmark)")
+    d.add_argument("--tail-temperatures", default=None,
+                   help="sparsifier.tail_temperatures as a YAML list, e.g. '[]' for none (default: the config's)")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="teacher dtype")
     r = p.add_argument_group("measurement")
@@ -169,6 +171,7 @@ def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, log
         f"template.distill={args.distill}",
         f"sparsifier.k={k}",
         f"sparsifier.logprob_dtype={logprob_dtype}",
+        *([f"sparsifier.tail_temperatures={args.tail_temperatures}"] if args.tail_temperatures is not None else []),
         f"max_length={args.max_length}",
         f"shard_size={args.shard_size}",
         "progress=false",

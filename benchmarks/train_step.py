@@ -72,9 +72,11 @@ def make_batch(batch: int, seq: int, vocab: int, k: int, targets: str, answer_to
     logits = torch.randn(n, vocab, generator=g) * 3
     logprobs = torch.log_softmax(logits, -1)
     top, ids = logprobs.topk(k, -1)
-    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), -1)
+    rest = logprobs.scatter(-1, ids, float("-inf"))
+    tail = torch.logsumexp(rest, -1)
+    grid = torch.logsumexp(rest / 2.0, -1)[:, None]  # the tail at T = 2, as a v2 cache stores it
     labels_full = input_ids.masked_fill(~mask, -100)
-    sparse = SparseTargets(ids=ids, logprobs=top, tail_logmass=tail)
+    sparse = SparseTargets(ids=ids, logprobs=top, tail_logmass=tail, tail_grid=grid, tail_temperatures=(2.0,))
     move = lambda t: t.to(device)  # noqa: E731
     return dict(input_ids=move(input_ids), attention_mask=move(torch.ones_like(input_ids)), target_mask=move(mask),
                 labels_full=move(labels_full), labels=move(input_ids[mask]), targets=sparse.to(device))

@@ -153,8 +153,8 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
     if config.sparsifier.kind == "topk":
         sparsifier.pop("temperature")
         sparsifier.pop("seed")
-        if tail_route_stores_no_grid(config):
-            sparsifier["tail_temperatures"] = ()
+        sparsifier["tail_temperatures"] = () if tail_route_stores_no_grid(config) else tuple(
+            config.sparsifier.tail_temperatures)
     else:
         sparsifier.pop("tail_temperatures")
     generate = None
