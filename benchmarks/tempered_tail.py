@@ -5,7 +5,7 @@
 import sys, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tests"))
 from test_tempering import zipf_logits, stored, dense_tail
-from kdcache.tempering import single_atom_tail, tail_at_temperature
+from kdcache.tempering import single_atom_tail
 V, k = 151665, 64
 logits = zipf_logits(4, V, seed=0, peak=8.0)
 tau1, grid = stored(logits, k, (2.0,))
