@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -132,8 +133,9 @@ def markdown(report: dict) -> str:
     """results.md: setup, caches, the table (mean ± sd over seeds) and the check lines."""
     size, teacher, machine = report["size"], report["teacher"], report["machine"]
     setup = (f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-             f"({machine['torch_threads']} threads), transformers {machine['transformers']}; "
-             f"{report['seconds'] / 60:.1f} minutes.")
+             f"({machine['torch_threads']} threads), transformers {machine['transformers']}. {len(report['runs'])} "
+             f"student runs, {sum(r['seconds'] for r in report['runs']) / 60:.1f} minutes of training and scoring "
+             f"in all; this invocation took {report['seconds'] / 60:.1f} minutes.")
     rows = (f"Rows: teacher_train {size['teacher_train']}, student pool {size['student']} (10% held out by the "
             f"trainer), heldout {size['heldout']}, test {size['test']}. Teacher {report['parameters']['teacher']:,} "
             f"parameters {tuple(size['teacher'])} (hidden, layers, heads), {size['teacher_steps']} steps; student "
@@ -170,3 +172,16 @@ def markdown(report: dict) -> str:
     lines += ["", "Checks (the best distilled setting is chosen on the heldout split, never on test):", ""]
     lines += [f"- {c['status']}: {c['check']} ({c['detail']})" for c in report["checks"]]
     return "\n".join(lines)
+
+
+def machine(threads: int | None) -> dict:
+    """The CPU, core and thread counts, and library versions, for the report."""
+    import platform
+
+    import torch
+    import transformers
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
