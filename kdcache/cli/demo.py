@@ -17,9 +17,11 @@ def demo_command(out, size, no_progress) -> None:
     """The whole pipeline on the shipped UPSC sample, on a CPU, in minutes, with nothing downloaded.
 
     \b
-    Builds a small teacher and student from Qwen2 configs, trains the teacher briefly (it stands in for
-    Qwen2.5-72B-Instruct), caches its top-k + tail, distills the student from the cache alone, trains a
-    hard-label student for comparison, and evaluates all of them side by side.
+    The silver-data setting: a small teacher built from a Qwen2 config is trained on 200 labelled rows (it stands
+    in for Qwen2.5-72B-Instruct); the students get the other 200 rows, only 10% of them with gold labels. The
+    teacher writes an answer to every student row and its top-k + tail is cached there; one student is distilled
+    from that cache alone, the same student is fine-tuned on the gold 10% for comparison, and all are evaluated
+    side by side on golden.jsonl, which none of them trained on.
     """
     from kdcache.demo import run_demo
 
