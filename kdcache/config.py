@@ -335,6 +335,7 @@ class TrainConfig:
     """Everything `kdcache train` needs: a cache, a student, and how to train it."""
 
     cache: str = ""
+    verify_checksums: bool = True  # sha256 of every shard file as it is read; false only for a cache verified once
     student: str = ""  # a local folder or a hub id (weights already available locally)
     out: str = ""
     loss: LossConfig = field(default_factory=LossConfig)

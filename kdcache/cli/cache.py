@@ -84,13 +84,15 @@ def cache_build(config_path, overrides, **options) -> None:
 @cache.command("info")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--no-verify-checksums", "skip_checksums", is_flag=True,
+              help="Skip the sha256 of each shard file read (for a cache `kdcache cache verify` has checked).")
 @friendly_errors
-def cache_info(path, as_json) -> None:
+def cache_info(path, as_json, skip_checksums) -> None:
     """Print a cache's manifest summary and statistics (examples, tokens, bytes per target token, mass, entropy)."""
     from kdcache.store.reader import CacheReader
     from kdcache.store.stats import cache_stats
 
-    reader = CacheReader(path)
+    reader = CacheReader(path, verify_checksums=not skip_checksums)
     stats = cache_stats(reader)
     manifest = reader.manifest
     if as_json:

@@ -255,7 +255,7 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
         stop_ids = stop_token_ids(tokenizer, config.teacher.model, config.teacher.revision)
     plan = make_plan(config, tokenizer, rows, len(unparsed), stop_ids)
     location = CacheLocation(config.output)
-    write_or_check_plan(location, plan)
+    hashed = write_or_check_plan(location, plan)  # refuses a cache (or a worker's) with other settings
     result = BuildResult(output=config.output, bad_rows=list(unparsed))
     mine = [i for i in range(plan.num_shards) if i % config.num_workers == config.worker_index]
     done = set(committed_shards(location, plan.num_shards))
@@ -283,7 +283,8 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
                     progress.bar.set_description("cache build")
                 data = scorer.assemble(examples, scorer.score_shard(examples))
                 progress.bar.update(len(bad) * answers_per_row)
-                commit_shard(location, index, data, {"rows": [start, start + len(shard_rows)], "skipped_rows": len(bad)})
+                info = {"rows": [start, start + len(shard_rows)], "skipped_rows": len(bad), "plan_hash": hashed}
+                commit_shard(location, index, data, info)
                 result.shards_written.append(index)
         finally:
             if progress is not None:

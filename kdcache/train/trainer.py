@@ -230,7 +230,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
                   heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
-                  world_size=dist.world_size)
+                  world_size=dist.world_size, verify_checksums=config.verify_checksums)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
