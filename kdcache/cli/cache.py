@@ -49,6 +49,8 @@ def cache() -> None:
 @_option("generate.max_new_tokens", "--max-new-tokens", help="With --generate: longest answer in tokens.")
 @_option("generate.temperature", "--gen-temperature", help="With --generate: sampling temperature, 0 = greedy.")
 @_option("skip_bad_rows", "--skip-bad-rows", sets=True, help="Skip rows that cannot be used, and count them.")
+@_option("strict", "--strict", sets=True,
+         help="Refuse rows without an id or with a repeated id (--id-field), instead of warning with counts.")
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
 @set_option("teacher.chunk_size=512")
 @friendly_errors
