@@ -119,10 +119,10 @@ def test_a_read_only_output_is_refused(tmp_path, monkeypatch, teacher_dir, data_
             f"{folder} is not writable by this user")
     monkeypatch.undo()
 
-    def read_only(self, path, value):  # the first write: the plan
+    def read_only(self, path, value):  # the first write: the plan (created exclusively)
         raise OSError(errno.EROFS, "Read-only file system", path)
 
-    monkeypatch.setattr(CacheLocation, "write_json", read_only)
+    monkeypatch.setattr(CacheLocation, "create_json", read_only)
     refused(CliRunner().invoke(main, build_args(folder / "cache", teacher_dir, data_file)),
             "Read-only file system while writing the plan of", "write to a writable location")
 
