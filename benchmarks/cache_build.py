@@ -294,20 +294,26 @@ def cache_bytes(manifest) -> dict:
 
 
 def time_read(url: str, repeats: int) -> dict:
+    """Passes of CacheReader.iter_examples with the sha256 of every file read (the default) and without
+    (verify_checksums=False), alternating, so the cost of checking on read is a ratio from one run."""
     from kdcache.store.reader import CacheReader
 
-    times, targets, examples = [], 0, 0
+    times: dict[bool, list[float]] = {True: [], False: []}
+    targets = examples = 0
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        reader = CacheReader(url)
-        targets = examples = 0
-        for example in reader.iter_examples():
-            targets += int(example.sparse_ids.shape[0])
-            examples += 1
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"seconds": times, "median_s": median, "targets": targets, "examples": examples,
-            "targets_per_s": targets / median, "examples_per_s": examples / median}
+        for verify in (True, False):
+            t0 = time.perf_counter()
+            reader = CacheReader(url, verify_checksums=verify)
+            targets = examples = 0
+            for example in reader.iter_examples():
+                targets += int(example.sparse_ids.shape[0])
+                examples += 1
+            times[verify].append(time.perf_counter() - t0)
+    median = statistics.median(times[True])
+    unchecked = statistics.median(times[False])
+    return {"seconds": times[True], "median_s": median, "targets": targets, "examples": examples,
+            "targets_per_s": targets / median, "examples_per_s": examples / median,
+            "unchecked_seconds": times[False], "unchecked_median_s": unchecked, "checksum_ratio": median / unchecked}
 
 
 @contextlib.contextmanager
@@ -536,7 +542,9 @@ def report(figures: dict, args) -> None:
         print(f"\n3. CacheReader.iter_examples over the k={r['k']} cache ({r['examples']} examples, {r['targets']} "
               f"targets; median of {len(r['seconds'])})")
         print(f"   {r['targets_per_s']:,.0f} target tokens/s, {r['examples_per_s']:,.0f} examples/s "
-              f"({r['median_s'] * 1000:.1f} ms per pass)")
+              f"({r['median_s'] * 1000:.1f} ms per pass, sha256 of every file checked)")
+        print(f"   without checksums (verify_checksums=False): {r['unchecked_median_s'] * 1000:.1f} ms per pass; "
+              f"ratio checked / unchecked {r['checksum_ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class CacheBuildConfig:
     num_workers: int = 1
     worker_index: int = 0
     skip_bad_rows: bool = False
+    strict: bool = False  # refuse rows without an id or with a repeated id (data.id_field) instead of warning
     progress: bool = True
 
 
@@ -231,7 +232,13 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise BadInputError(f"override '{assignment}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:  # e.g. a tag (`!!python/object:...`), which safe_load refuses to construct
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise BadInputError(f"override '{assignment}': the value is not plain YAML ({problem}); give a number, "
+                            "a string, a list or a mapping, and quote a string that starts with ! or another "
+                            "YAML symbol") from None
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -335,6 +342,7 @@ class TrainConfig:
     """Everything `kdcache train` needs: a cache, a student, and how to train it."""
 
     cache: str = ""
+    verify_checksums: bool = True  # sha256 of every shard file as it is read; false only for a cache verified once
     student: str = ""  # a local folder or a hub id (weights already available locally)
     out: str = ""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -358,6 +366,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed
+    # Resume a run folder whose checkpoint was trained with other settings (kdcache/train/run_config.py): the
+    # differences are logged, and the settings each part of the run was trained with are kept.
+    allow_config_change: bool = False
 
 
 @dataclass

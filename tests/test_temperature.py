@@ -37,7 +37,7 @@ def run(cache, student, out, *overrides):
 
 def test_cache_stores_the_tail_at_every_default_temperature(cache):
     reader = CacheReader(cache)
-    assert reader.manifest.format_version == 2
+    assert reader.manifest.format_version >= 2  # the tail grid came with version 2
     assert reader.manifest.sparsifier.tail_temperatures == (0.7, 1.5, 2.0, 3.0, 4.0)
     data = reader.read_shard(0)
     assert data.tail_tempered.shape == (data.num_targets, 5)

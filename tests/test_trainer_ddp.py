@@ -145,7 +145,8 @@ def test_torchrun_two_ranks_stay_identical_and_resume_exactly(tmp_path, sharp_ca
     assert saved_weights(resumed) == (checkpoint_digest, final_digest)
 
     # Per-rank loader positions cannot be shared out among another number of processes.
-    config = load_config(TrainConfig, None, [*overrides(sharp_cache, student_dir, straight), "max_steps=8"])
+    config = load_config(TrainConfig, None, [*overrides(sharp_cache, student_dir, straight), "max_steps=8",
+                                             "allow_config_change=true"])
     with pytest.raises(BadInputError, match="nproc_per_node 2"):
         train(config)
 

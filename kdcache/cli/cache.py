@@ -49,6 +49,8 @@ def cache() -> None:
 @_option("generate.max_new_tokens", "--max-new-tokens", help="With --generate: longest answer in tokens.")
 @_option("generate.temperature", "--gen-temperature", help="With --generate: sampling temperature, 0 = greedy.")
 @_option("skip_bad_rows", "--skip-bad-rows", sets=True, help="Skip rows that cannot be used, and count them.")
+@_option("strict", "--strict", sets=True,
+         help="Refuse rows without an id or with a repeated id (--id-field), instead of warning with counts.")
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
 @set_option("teacher.chunk_size=512")
 @friendly_errors
@@ -84,13 +86,15 @@ def cache_build(config_path, overrides, **options) -> None:
 @cache.command("info")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--no-verify-checksums", "skip_checksums", is_flag=True,
+              help="Skip the sha256 of each shard file read (for a cache `kdcache cache verify` has checked).")
 @friendly_errors
-def cache_info(path, as_json) -> None:
+def cache_info(path, as_json, skip_checksums) -> None:
     """Print a cache's manifest summary and statistics (examples, tokens, bytes per target token, mass, entropy)."""
     from kdcache.store.reader import CacheReader
     from kdcache.store.stats import cache_stats
 
-    reader = CacheReader(path)
+    reader = CacheReader(path, verify_checksums=not skip_checksums)
     stats = cache_stats(reader)
     manifest = reader.manifest
     if as_json:

@@ -30,6 +30,8 @@ _option = functools.partial(config_option, TrainConfig)
 @_option("batch_size", "--batch-size", help="Examples per micro-batch.")
 @_option("max_steps", "--max-steps", help="Optimizer steps.")
 @_option("lr", "--lr", help="Peak learning rate.")
+@_option("allow_config_change", "--allow-config-change", sets=True,
+         help="Resume a run folder whose checkpoint was trained with other settings (the old ones are kept).")
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
 @set_option("grad_accum=4")
 @friendly_errors
@@ -38,7 +40,8 @@ def train_command(config_path, overrides, **options) -> None:
 
     \b
     Re-running the same command resumes from the last checkpoint (model, optimizer, scaler, scheduler, RNG and
-    loader position). The held-out split of the cache is evaluated every eval_every steps. Several GPUs (DDP):
+    loader position); a resume with other settings is refused, listing them, unless --allow-config-change. The
+    held-out split of the cache is evaluated every eval_every steps. Several GPUs (DDP):
     torchrun --nproc_per_node N -m kdcache.cli train ... (the same options).
     """
     from kdcache.config import load_config

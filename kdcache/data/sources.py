@@ -54,10 +54,20 @@ def detect_format(path: str) -> str:
     )
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return (f"is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at byte {exc.start + 1} of the line); "
+            "re-encode the file as UTF-8")
+
+
 def _read_jsonl(path: str, bad: list[BadRow]) -> list[Row]:
     rows = []
-    with fsspec.open(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with fsspec.open(path, "rb") as handle:  # bytes, decoded line by line: a line that is not UTF-8 is a bad row
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append(BadRow(Row(path, number, {}), f"line {_not_utf8(exc)}"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -74,15 +84,25 @@ def _read_jsonl(path: str, bad: list[BadRow]) -> list[Row]:
 
 def _read_csv(path: str, bad: list[BadRow]) -> list[Row]:
     rows = []
-    with fsspec.open(path, "rt", encoding="utf-8", newline="") as handle:
-        text = handle.read()
-    reader = csv.reader(io.StringIO(text))
+    with fsspec.open(path, "rb") as handle:
+        # Bytes that are not UTF-8 become lone surrogates, so the rows they are in can be found and skipped alone.
+        text = handle.read().decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
         return rows
+    if _surrogate(header) is not None:
+        raise BadInputError(f"the header of {path} (its first line) is not valid UTF-8: re-encode the file as UTF-8")
     for number, values in enumerate(reader, start=2):
         if not values:
+            continue
+        column = _surrogate(values)
+        if column is not None:
+            byte = ord(values[column][_surrogate_at(values[column])]) - 0xDC00
+            bad.append(BadRow(Row(path, number, {}), f"is not valid UTF-8 (byte 0x{byte:02x} in column "
+                              f"'{header[column] if column < len(header) else column + 1}'); re-encode the file "
+                              "as UTF-8"))
             continue
         if len(values) != len(header):
             bad.append(
@@ -91,6 +111,15 @@ def _read_csv(path: str, bad: list[BadRow]) -> list[Row]:
             continue
         rows.append(Row(path, number, dict(zip(header, values))))
     return rows
+
+
+def _surrogate_at(value: str) -> int:
+    return next((i for i, char in enumerate(value) if "\udc80" <= char <= "\udcff"), -1)
+
+
+def _surrogate(values: list[str]) -> int | None:
+    """The index of the first value holding a byte that was not UTF-8 (see `_read_csv`), or None."""
+    return next((i for i, value in enumerate(values) if _surrogate_at(value) >= 0), None)
 
 
 def _read_parquet(path: str) -> list[Row]:

@@ -26,6 +26,7 @@ from kdcache.eval.scoring import (
     uses_chat_template,
 )
 from kdcache.eval.speed import peak_memory, reset_peak_memory, speed_summary, timed
+from kdcache.outputs import check_output_folder
 
 EVAL_FORMAT_VERSION = 1
 
@@ -52,6 +53,7 @@ def _check_config(config: EvalConfig) -> None:
         raise BadInputError("no data given: pass --data (a JSONL, CSV or Parquet file, or a `datasets` folder)")
     if not config.out:
         raise BadInputError("no output folder given: pass --out")
+    check_output_folder(config.out, "--out")  # before the model is loaded and every example scored
     if config.mode == "score" and not config.labels:
         raise BadInputError("label scoring needs the label strings: pass --labels for each one (e.g. --labels GS1 "
                             "--labels GS2 ...)")

@@ -6,6 +6,9 @@ and the shards' commit records. Field names and values are the JSON keys of docs
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,8 +17,11 @@ from kdcache.data.encode import uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
 from kdcache.store import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
-from kdcache.store.fingerprint import rows_fingerprint, tokenizer_fingerprint
+from kdcache.store.fingerprint import canonical_json, rows_fingerprint, tokenizer_fingerprint
 from kdcache.store.schema import FieldError, Record, check_at_least, omitted_when_none
+
+#: The first format version whose commit records and manifest carry the plan's hash (and must).
+PLAN_HASH_VERSION = 3
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherInfo(Record):
@@ -134,6 +140,23 @@ class Plan(Record):
             raise FieldError("format_version", f"one of {READABLE_FORMAT_VERSIONS}", self.format_version)
         for name in ("max_length", "shard_size", "num_shards"):
             check_at_least(self, name, 1)
+        expected = max(1, -(-self.dataset.num_rows // self.shard_size))
+        if self.num_shards != expected:  # checked before anything iterates over the shards
+            raise FieldError("num_shards", f"{expected} (dataset.num_rows / shard_size, rounded up)", self.num_shards)
+
+    def shard_rows(self, index: int) -> tuple[int, int]:
+        """[start, stop): the source rows of shard `index`."""
+        start = index * self.shard_size
+        return start, min(start + self.shard_size, self.dataset.num_rows)
+
+
+def plan_hash(plan: Plan) -> str:
+    """"sha256:<hex>" over the plan's canonical JSON, as plan.json holds it (of a Manifest: of its plan part).
+
+    Format 3 puts it into every commit record and the manifest, so shards written under another plan are refused."""
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
+    data = Plan.from_dict(json.loads(json.dumps(Plan(**fields).to_dict()))).to_dict()  # as read back from disk
+    return "sha256:" + hashlib.sha256(canonical_json(data).encode("utf-8")).hexdigest()
 
 
 def tail_route_stores_no_grid(config: CacheBuildConfig) -> bool:

@@ -12,7 +12,8 @@ from kdcache.store.fingerprint import tokenizer_fingerprint
 from kdcache.store.location import CacheLocation
 from kdcache.store.manifest import Manifest, read_manifest
 from kdcache.store.plan import SparsifierInfo, TokenizerInfo
-from kdcache.store.shard import ShardData, read_shard_files
+from kdcache.store.integrity import ShardDamaged, load_shard
+from kdcache.store.shard import ShardData
 
 
 @dataclass
@@ -50,10 +51,17 @@ def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
 
 
 class CacheReader:
-    """A finished cache opened for reading; `tokenizer`, when given, must match the cache's."""
+    """A finished cache opened for reading; `tokenizer`, when given, must match the cache's.
 
-    def __init__(self, url: str, tokenizer=None, storage_options: dict | None = None):
+    Every shard read is checked (kdcache.store.integrity): its commit record is present and equals the manifest's
+    entry, its files are read from inside the cache and no longer than recorded, and each file's sha256 is checked
+    over the bytes that are then decoded. `verify_checksums=False` skips only the sha256, for a cache that
+    `kdcache cache verify` has checked once and that nobody can change since.
+    """
+
+    def __init__(self, url: str, tokenizer=None, storage_options: dict | None = None, verify_checksums: bool = True):
         self.location = CacheLocation(url, storage_options)
+        self.verify_checksums = verify_checksums
         self.manifest: Manifest = read_manifest(self.location)
         if tokenizer is not None:
             check_tokenizer(self.manifest.tokenizer, tokenizer, url)
@@ -67,15 +75,14 @@ class CacheReader:
         return self.manifest.sparsifier
 
     def read_shard(self, index: int) -> ShardData:
-        """Load shard `index`; a missing or unreadable shard is reported by name."""
+        """Load shard `index`; a missing, damaged or uncommitted shard is reported by name."""
         expected = self.manifest.shards[index]
         name = expected.name
-        url = self.location.child_url("shards", name)
         try:
-            data = read_shard_files(url, self.location.storage_options)
-        except Exception as exc:  # zarr/pyarrow/OS errors all mean the same thing to a user: this shard is bad
+            data = load_shard(self.location, expected, self.verify_checksums)
+        except ShardDamaged as exc:
             raise CacheFormatError(
-                f"shard {name} of {self.location.url} cannot be read ({type(exc).__name__}: {exc}); "
+                f"shard {name} of {self.location.url} cannot be read ({exc.problem}); "
                 f"run `kdcache cache verify {self.location.url}` and rebuild the damaged shard"
             ) from None
         if data.num_examples != expected.num_examples or data.num_targets != expected.num_targets:

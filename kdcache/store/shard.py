@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -80,18 +81,38 @@ def write_shard_files(local_dir: str, data: ShardData) -> None:
 
 
 def read_shard_files(shard_url: str, storage_options: dict | None = None) -> ShardData:
-    """Load a shard's arrays and records fully into memory (shards are sized to fit)."""
+    """Load a shard folder's arrays and records fully into memory, trusting whatever files it holds (tests and
+    tools; readers of a cache load a committed shard from its recorded files: kdcache.store.integrity)."""
     import fsspec
     import zarr
 
     group = zarr.open_group(f"{shard_url}/{TOKENS_DIR}", mode="r", storage_options=storage_options or None)
+    with fsspec.open(f"{shard_url}/{RECORDS_FILE}", "rb", **(storage_options or {})) as handle:
+        records = pq.read_table(handle)
+    return _shard_data(group, records)
+
+
+def decode_shard_files(files: Mapping[str, bytes]) -> ShardData:
+    """A shard from its files' bytes, keyed by their paths in the shard folder ("records.parquet",
+    "tokens.zarr/input_ids/c/0", ...): only these bytes are decoded, so a caller that checked them checked all."""
+    import zarr
+    from zarr.core.buffer import cpu
+    from zarr.storage import MemoryStore
+
+    prefix = TOKENS_DIR + "/"
+    store = MemoryStore({key[len(prefix):]: cpu.Buffer.from_bytes(value) for key, value in files.items()
+                         if key.startswith(prefix)}, read_only=True)
+    group = zarr.open_group(store=store, mode="r", zarr_format=3)
+    records = pq.read_table(pa.BufferReader(files[RECORDS_FILE]))
+    return _shard_data(group, records)
+
+
+def _shard_data(group, records: pa.Table) -> ShardData:
     names = set(group.array_keys())
 
     def get(name: str) -> np.ndarray | None:
         return group[name][...] if name in names else None
 
-    with fsspec.open(f"{shard_url}/{RECORDS_FILE}", "rb", **(storage_options or {})) as handle:
-        records = pq.read_table(handle)
     return ShardData(
         input_ids=get("input_ids"),
         offsets=get("offsets"),

@@ -1,4 +1,7 @@
-"""`kdcache cache verify`: check every checksum and invariant of a cache, read-only, and name the first bad shard."""
+"""`kdcache cache verify`: check every checksum and invariant of a cache, read-only, and name the first bad shard.
+
+A reader checks each shard's commit record, file sizes and sha256 on every read too (kdcache.store.integrity);
+verify adds the plan file, the manifest's totals and the arrays' invariants."""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from typing import Callable
 import numpy as np
 
 from kdcache.errors import CacheFormatError
-from kdcache.store.fingerprint import file_sha256
-from kdcache.store.location import CacheLocation
-from kdcache.store.manifest import COUNT_FIELDS, CommitRecord, Manifest, read_manifest
-from kdcache.store.shard import read_shard_files
+from kdcache.store.integrity import ShardDamaged, load_shard
+from kdcache.store.location import PLAN_FILE, CacheLocation
+from kdcache.store.manifest import COUNT_FIELDS, CommitRecord, Manifest, read_manifest, read_plan
+from kdcache.store.plan import PLAN_HASH_VERSION, plan_hash
+from kdcache.store.shard import ShardData
 
 
 @dataclass
@@ -25,27 +29,8 @@ class VerifyReport:
         return self.problems[0] if self.problems else None
 
 
-def _check_files(location: CacheLocation, entry: CommitRecord) -> str | None:
-    base = location.path("shards", entry.name)
-    for rel, expected in entry.files.items():
-        path = f"{base}/{rel}"
-        if not location.exists(path):
-            return f"file {rel} is missing"
-        with location.fs.open(path, "rb") as handle:
-            content = handle.read()
-        if len(content) != expected.bytes:
-            return f"file {rel} has {len(content)} bytes, expected {expected.bytes} (truncated or overwritten)"
-        if file_sha256(content) != expected.sha256:
-            return f"file {rel} fails its sha256 checksum (corrupted)"
-    return None
-
-
-def _check_arrays(location: CacheLocation, manifest: Manifest, entry: CommitRecord) -> str | None:
+def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> str | None:
     """Structural invariants: offsets, masks, counts, id ranges, and probability sums."""
-    try:
-        data = read_shard_files(location.child_url("shards", entry.name), location.storage_options)
-    except Exception as exc:  # any read failure is a damaged shard
-        return f"cannot be read ({type(exc).__name__}: {exc})"
     k = manifest.sparsifier.k
     vocab = manifest.tokenizer.vocab_size
     checks: list[tuple[bool, str]] = [
@@ -119,32 +104,28 @@ def _check_tail_tempered(data, temperatures) -> str | None:
 
 def verify_cache(url: str, storage_options: dict | None = None,
                  on_shard: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check the manifest, then each shard's files (size, sha256) and arrays; stops at the first bad shard."""
+    """Check the manifest (its grammar and plan hash included), plan.json against it, then each shard: commit record,
+    files (size, sha256: kdcache.store.integrity) and arrays; stops at the first bad shard."""
     location = CacheLocation(url, storage_options)
     try:
         manifest = read_manifest(location)
+        problem = _check_plan_file(location, manifest)
     except CacheFormatError as exc:
         return VerifyReport(ok=False, problems=[str(exc)])
+    if problem:
+        return VerifyReport(ok=False, problems=[problem])
     report = VerifyReport(ok=True)
-    shards = manifest.shards
-    if len(shards) != manifest.num_shards:
-        return VerifyReport(ok=False, problems=[
-            f"manifest lists {len(shards)} shards but num_shards is {manifest.num_shards}"])
+    shards = manifest.shards  # as many as num_shards, each at its index: read_manifest checked
     for key in COUNT_FIELDS:
         total = sum(getattr(entry, key) for entry in shards)
         if getattr(manifest.counts, key) != total:
             return VerifyReport(ok=False, problems=[
                 f"manifest counts.{key} is {getattr(manifest.counts, key)} but its shards add up to {total}"])
     for position, entry in enumerate(shards):
-        if entry.shard != position:
-            return VerifyReport(ok=False, problems=[f"manifest shard entry {position} is for shard {entry.shard}"])
-        commit_path = location.commit_path(position)
-        if not location.exists(commit_path):
-            problem = "is missing (no commit record)"
-        elif location.read_json(commit_path) != entry.to_dict():
-            problem = "commit record differs from the manifest entry"
-        else:
-            problem = _check_files(location, entry) or _check_arrays(location, manifest, entry)
+        try:
+            problem = _check_arrays(manifest, entry, load_shard(location, entry, verify_checksums=True))
+        except ShardDamaged as exc:
+            problem = exc.problem
         report.shards_checked += 1
         if on_shard is not None:
             on_shard(position)
@@ -153,3 +134,15 @@ def verify_cache(url: str, storage_options: dict | None = None,
             report.problems.append(f"shard {entry.name}: {problem}")
             return report
     return report
+
+
+def _check_plan_file(location: CacheLocation, manifest: Manifest) -> str | None:
+    """Format 3: plan.json, when present (resumed builds and finalize follow it), is the manifest's plan."""
+    if manifest.plan_hash is None or manifest.format_version < PLAN_HASH_VERSION:
+        return None
+    if not location.exists(location.path(PLAN_FILE)):
+        return None  # readers need only the manifest; a copy without the plan cannot be resumed, but reads
+    found = plan_hash(read_plan(location))
+    if found != manifest.plan_hash:
+        return f"{PLAN_FILE} is another plan than the manifest's (plan hash {found}, the manifest's {manifest.plan_hash})"
+    return None

@@ -13,7 +13,7 @@ import uuid
 
 from kdcache.store.fingerprint import file_sha256
 from kdcache.store.location import SHARDS_DIR, CacheLocation, shard_name
-from kdcache.store.manifest import CommitRecord
+from kdcache.store.manifest import CommitRecord, check_plan_unchanged
 from kdcache.store.shard import ShardData, write_shard_files
 
 
@@ -45,7 +45,10 @@ def clear_uncommitted(location: CacheLocation, index: int) -> None:
 
 def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dict) -> CommitRecord:
     """Write shard `index` atomically and return its commit record: the counts, `info` (the build's part:
-    `{"rows": [start, stop], "skipped_rows": n}`), and every file's sha256."""
+    `{"rows": [start, stop], "skipped_rows": n, "plan_hash": "sha256:..."}`), and every file's sha256.
+
+    With a plan hash, plan.json is checked just before the commit record is written, so a worker whose plan was
+    replaced under it (only possible on a store without exclusive creation) commits nothing."""
     clear_uncommitted(location, index)
     final = location.shard_path(index)
     if location.is_local:
@@ -73,5 +76,7 @@ def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dic
         **info,
         "files": files,
     })
+    if record.plan_hash is not None:
+        check_plan_unchanged(location, record.plan_hash)
     location.write_json(location.commit_path(index), record.to_dict())
     return record

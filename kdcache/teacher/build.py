@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,9 @@ from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_tokenizer
+from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.store.location import CacheLocation
+from kdcache.store.lock import ShardClaims
 from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
 from kdcache.store.plan import make_plan, tail_route_stores_no_grid
 from kdcache.store.shard import ShardData
@@ -221,6 +224,7 @@ def make_backend(config: CacheBuildConfig, vocab_size: int) -> TeacherBackend:
 def check_build_config(config: CacheBuildConfig) -> None:
     if not config.output:
         raise BadInputError("no output given: set --output (a folder or fsspec URL for the cache)")
+    check_output_folder(config.output, "--output")
     if not config.teacher.model:
         raise BadInputError("no teacher given: set --teacher (a local model folder or a hub id)")
     if config.num_workers < 1 or not 0 <= config.worker_index < config.num_workers:
@@ -233,6 +237,36 @@ def check_build_config(config: CacheBuildConfig) -> None:
     if config.teacher.batch_size < 1 or config.teacher.chunk_size < 1:
         raise BadInputError("teacher.batch_size and teacher.chunk_size must be at least 1")
     check_generate_config(config)
+
+
+def check_ids(config: CacheBuildConfig, rows: list[Row]) -> None:
+    """Warn with counts when `data.id_field` leaves rows without an id or gives several rows one id; with
+    `strict`, refuse (an id is how examples are matched across caches and eval runs)."""
+    name = config.data.id_field
+    if name is None:
+        return
+    missing = [row for row in rows if row.fields.get(name) is None]
+    counts = Counter(str(row.fields[name]) for row in rows if row.fields.get(name) is not None)
+    repeated = {value: n for value, n in counts.items() if n > 1}
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} rows have no value in the id field '{name}' (the first: {missing[0].where})")
+    if repeated:
+        value, n = max(repeated.items(), key=lambda item: item[1])
+        problems.append(f"{sum(repeated.values()) - len(repeated)} rows repeat the id of an earlier row "
+                        f"({len(repeated)} ids occur more than once; {value!r} {n} times)")
+    if not problems:
+        return
+    if config.strict:
+        raise BadInputError(f"{'; '.join(problems)}: ids must be present and unique with --strict; fix the data, "
+                            "or build without --strict to keep them as they are")
+    log.warning("warning: %s; the cache keeps them as they are (--strict refuses such data)", "; ".join(problems))
+
+
+def _full_disk_advice(location: CacheLocation, num_shards: int) -> str:
+    done = len(committed_shards(location, num_shards))
+    return (f"then run the same command again: it resumes after the last complete shard ({done} of {num_shards} "
+            "shards are complete and kept)")
 
 
 def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None, tokenizer=None,
@@ -250,45 +284,84 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
         raise BadInputError(f"bad row: {unparsed[0]}. Fix the row, or pass --skip-bad-rows to skip such rows")
     if not rows:
         raise BadInputError(f"no rows found in {', '.join(config.data.paths)}")
+    check_ids(config, rows)
     stop_ids = None
     if config.generate.enabled:
         stop_ids = stop_token_ids(tokenizer, config.teacher.model, config.teacher.revision)
     plan = make_plan(config, tokenizer, rows, len(unparsed), stop_ids)
     location = CacheLocation(config.output)
-    write_or_check_plan(location, plan)
+    with storage_errors(f"writing the plan of {config.output}"):
+        hashed = write_or_check_plan(location, plan)  # refuses a cache (or a worker's) with other settings
     result = BuildResult(output=config.output, bad_rows=list(unparsed))
     mine = [i for i in range(plan.num_shards) if i % config.num_workers == config.worker_index]
     done = set(committed_shards(location, plan.num_shards))
     pending = [i for i in mine if i not in done]
     result.shards_skipped = [i for i in mine if i in done]
     if pending:
-        todo_rows = sum(len(rows[i * config.shard_size : (i + 1) * config.shard_size]) for i in pending)
-        answers_per_row = config.generate.num_samples if config.generate.enabled else 1
-        progress = None
-        try:
-            for index in pending:
+        writer = _ShardWriter(config, tokenizer, rows, backend, stop_ids, location, plan.num_shards, pending, hashed)
+        # Each shard is claimed before it is built (a second build of it is refused, see store.lock), and the next
+        # one before this one is let go, so a build started meanwhile meets a claim before it writes anything.
+        with ShardClaims(location) as claims, writer:
+            claims.claim(pending[0])
+            for position, index in enumerate(pending):
                 if stop_after_shards is not None and len(result.shards_written) >= stop_after_shards:
                     break
-                start = index * config.shard_size
-                shard_rows = rows[start : start + config.shard_size]
-                examples, bad = prepare_rows(config, tokenizer, shard_rows, start)  # before loading the teacher
-                if progress is None:
-                    backend = backend or make_backend(config, len(tokenizer))
-                    progress = BuildProgress(todo_rows * answers_per_row, config.progress)
-                    scorer = ShardScorer(config, backend, progress)
-                result.bad_rows.extend(bad)
-                if config.generate.enabled:
-                    progress.bar.set_description("teacher answering")
-                    examples = generate_answers(config, tokenizer, backend, examples, stop_ids)
-                    progress.bar.set_description("cache build")
-                data = scorer.assemble(examples, scorer.score_shard(examples))
-                progress.bar.update(len(bad) * answers_per_row)
-                commit_shard(location, index, data, {"rows": [start, start + len(shard_rows)], "skipped_rows": len(bad)})
-                result.shards_written.append(index)
-        finally:
-            if progress is not None:
-                progress.close()
+                if location.exists(location.commit_path(index)):  # committed by another build meanwhile
+                    result.shards_skipped.append(index)
+                else:
+                    result.bad_rows.extend(writer.write(index))
+                    result.shards_written.append(index)
+                try:
+                    if position + 1 < len(pending):
+                        claims.claim(pending[position + 1])
+                finally:
+                    claims.release(index, committed=True)
     if len(committed_shards(location, plan.num_shards)) == plan.num_shards:
-        result.manifest = finalize(location)
+        with storage_errors(f"writing the manifest of {config.output}",
+                            f"then run `kdcache cache finalize {config.output}`"):
+            result.manifest = finalize(location)
         result.finalized = True
     return result
+
+
+class _ShardWriter:
+    """Builds and commits one shard at a time; the teacher is loaded when the first shard's rows are ready."""
+
+    def __init__(self, config: CacheBuildConfig, tokenizer, rows: list[Row], backend: TeacherBackend | None,
+                 stop_ids, location: CacheLocation, num_shards: int, pending: list[int], plan_hash: str):
+        self.config, self.tokenizer, self.rows, self.backend, self.stop_ids = config, tokenizer, rows, backend, stop_ids
+        self.location, self.num_shards, self.plan_hash = location, num_shards, plan_hash
+        self.answers_per_row = config.generate.num_samples if config.generate.enabled else 1
+        self.todo_rows = sum(len(rows[i * config.shard_size : (i + 1) * config.shard_size]) for i in pending)
+        self.progress: BuildProgress | None = None
+        self.scorer: ShardScorer | None = None
+
+    def write(self, index: int) -> list[BadRow]:
+        """Build and commit shard `index`; returns its bad rows (skipped with skip_bad_rows)."""
+        config = self.config
+        start = index * config.shard_size
+        shard_rows = self.rows[start : start + config.shard_size]
+        examples, bad = prepare_rows(config, self.tokenizer, shard_rows, start)  # before loading the teacher
+        if self.scorer is None:
+            self.backend = self.backend or make_backend(config, len(self.tokenizer))
+            self.progress = BuildProgress(self.todo_rows * self.answers_per_row, config.progress)
+            self.scorer = ShardScorer(config, self.backend, self.progress)
+        if config.generate.enabled:
+            self.progress.bar.set_description("teacher answering")
+            examples = generate_answers(config, self.tokenizer, self.backend, examples, self.stop_ids)
+            self.progress.bar.set_description("cache build")
+        data = self.scorer.assemble(examples, self.scorer.score_shard(examples))
+        self.progress.bar.update(len(bad) * self.answers_per_row)
+        size = sum(a.nbytes for a in data.arrays().values()) + data.records.nbytes
+        with storage_errors(f"writing shard {index} ({size / 1e6:.1f} MB before compression) of {config.output}",
+                            lambda: _full_disk_advice(self.location, self.num_shards)):
+            commit_shard(self.location, index, data, {"rows": [start, start + len(shard_rows)],
+                                                      "skipped_rows": len(bad), "plan_hash": self.plan_hash})
+        return bad
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.close()

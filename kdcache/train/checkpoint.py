@@ -38,7 +38,7 @@ from kdcache.errors import BadInputError
 from kdcache.train.distributed import Distributed
 from kdcache.train.student import trainable_state
 
-__all__ = ["Checkpoint", "TrainState", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "TrainState", "has_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 
 POINTER = "checkpoint.json"
 PREFIX = "checkpoint-"
@@ -281,6 +281,12 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     contents: dict  # world_size, optimizer, scheduler, scaler, loader (per rank), rng (per rank)
     state: TrainState
+
+
+def has_checkpoint(out: Path | str) -> bool:
+    """Whether the run folder has a checkpoint to resume from (a pointer, or a pre-generation ``checkpoint/``)."""
+    out = Path(out)
+    return (out / POINTER).exists() or (out / LEGACY / TRAINER_STATE).exists()
 
 
 def read_checkpoint(out: Path | str) -> Checkpoint | None:

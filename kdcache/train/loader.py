@@ -228,10 +228,11 @@ class CacheDataset(IterableDataset):
     arguments instead (``CacheDataset(url, batch_size=8, split="heldout")``).
     pad_id: the id in padded positions; defaults to the cache tokenizer's eos id (0 if it has none).
     tokenizer: if given, it must match the cache's. storage_options: for fsspec.
+    verify_checksums: check each shard file's sha256 as it is read (the default); False for a cache verified once.
     """
 
     def __init__(self, cache: str, settings: LoaderSettings | None = None, *, pad_id: int | None = None,
-                 tokenizer=None, storage_options: dict | None = None, **options):
+                 tokenizer=None, storage_options: dict | None = None, verify_checksums: bool = True, **options):
         super().__init__()
         if settings is None:
             settings = LoaderSettings(**options)
@@ -240,7 +241,9 @@ class CacheDataset(IterableDataset):
         self.settings = settings.placed()
         self.url = cache
         self.storage_options = storage_options
-        reader = CacheReader(cache, tokenizer=tokenizer, storage_options=storage_options)
+        self.verify_checksums = verify_checksums
+        reader = CacheReader(cache, tokenizer=tokenizer, storage_options=storage_options,
+                             verify_checksums=verify_checksums)
         self.manifest = reader.manifest
         self._reader: CacheReader | None = reader
         k_prime, sparsifier = self.settings.k_prime, self.manifest.sparsifier
@@ -275,7 +278,8 @@ class CacheDataset(IterableDataset):
     @property
     def reader(self) -> CacheReader:
         if self._reader is None:  # opened lazily in worker processes
-            self._reader = CacheReader(self.url, storage_options=self.storage_options)
+            self._reader = CacheReader(self.url, storage_options=self.storage_options,
+                                       verify_checksums=self.verify_checksums)
         return self._reader
 
     def __getstate__(self):

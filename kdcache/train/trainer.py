@@ -24,14 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.config import TrainConfig, to_dict
+from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
 from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
-from kdcache.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from kdcache.outputs import check_output_folder, storage_errors
+from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
 from kdcache.train.objective import DistillationObjective, check_loss_for_cache
+from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
 METRICS = "metrics.jsonl"
@@ -197,10 +199,17 @@ class _Run:
     scaler: torch.amp.GradScaler
     train_data: CacheDataset
     heldout: CacheDataset
+    saved_step: int | None = None  # the step of the newest checkpoint in `out` (None before the first)
 
     def save_checkpoint(self, state: TrainState) -> None:
-        save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.train_data, state,
-                        self.dist)
+        resume = (f"it resumes from step {self.saved_step}" if self.saved_step is not None
+                  else "it starts over, as no checkpoint was saved yet")
+        size = sum(p.numel() for p in self.params) * 4 * 3  # float32 parameters and AdamW's two moments
+        with storage_errors(f"saving the checkpoint of step {state.step} (about {size / 1e6:.1f} MB) in {self.out}",
+                            f"then run the same command again: {resume}"):
+            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.train_data, state,
+                            self.dist)
+        self.saved_step = state.step
 
 
 def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResult:
@@ -211,13 +220,16 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResu
     for name in ("cache", "student", "out"):
         if not getattr(config, name):
             raise BadInputError(f"no {name} given: set --{name}")
+    check_output_folder(config.out, "--out")
     precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
     if config.optimizer == "adamw_8bit":
         require_bitsandbytes("adamw_8bit", precision.device)  # before any model is loaded
     dist = init_distributed(precision.device)
     try:
         precision = dataclasses.replace(precision, device=dist.device(precision.device))
-        return _train(config, precision, dist, stop_after_steps)
+        with storage_errors(f"training into {config.out}", "then run the same command again: it resumes from the "
+                                                           "last checkpoint"):
+            return _train(config, precision, dist, stop_after_steps)
     finally:
         dist.shutdown()
 
@@ -226,11 +238,12 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before anything is loaded
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
                   heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
-                  world_size=dist.world_size)
+                  world_size=dist.world_size, verify_checksums=config.verify_checksums)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
@@ -240,6 +253,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
     state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist)
+    saved_step = None if state is None else state.step
     if state is None:
         state = TrainState()
         _seed_rank(config.seed, dist)
@@ -247,9 +261,9 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
                                       config.loss.confidence_weight)
     step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
     run = _Run(config, precision, dist, out, tokenizer, model, step_module, params, optimizer, scheduler, scaler,
-               train_data, heldout)
+               train_data, heldout, saved_step)
     if dist.is_main:
-        (out / "train_config.json").write_text(json.dumps(to_dict(config), indent=2))
+        record_config(out, config, changes, state.step)
     run_log = RunLog(out, state.step, config.tensorboard, active=dist.is_main)
     from tqdm import tqdm
 
