@@ -228,7 +228,7 @@ class Bench:
                                 "bytes_per_target_token": stats["bytes_per_target_token"],
                                 "mean_sparse_mass": stats["mean_sparse_mass"], "examples": stats["examples"],
                                 "skipped_rows": stats["skipped_rows"], "target_tokens": stats["target_tokens"],
-                                "sparsifier": CacheReader(path).sparsifier}
+                                "sparsifier": CacheReader(path).sparsifier.to_dict()}
         if key == "generated":
             answers = [((e.record["teacher_text"] or "").strip(), json.loads(e.record["fields"])["label"])
                        for e in CacheReader(path).iter_examples()]

@@ -169,9 +169,39 @@ def markdown(report: dict) -> str:
                      f"{_cell(row['ece'], 1.0, 3)} | {_cell(row['agreement'])} | {_cell(row['retention'])} | "
                      f"{_cell(row['heldout_accuracy'])} | {_cell(row['heldout_forward_kl'], 1.0, 3)} | "
                      f"{_cell(row['train_seconds'], 1.0, 0)} |")
+    lines += curve_lines(report["runs"])
     lines += ["", "Checks (the best distilled setting is chosen on the heldout split, never on test):", ""]
     lines += [f"- {c['status']}: {c['check']} ({c['detail']})" for c in report["checks"]]
     return "\n".join(lines)
+
+
+def curve_lines(runs: list[dict]) -> list[str]:
+    """The training curves, mean over seeds per arm: the mean step loss in the window ending at each mark, and the
+    held-out forward KL (T = 1, against the cache) at each evaluation: where a student converges or overfits."""
+    by_arm: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("curve", {}).get("loss"):
+            by_arm.setdefault(run["arm"], []).append(run["curve"])
+    if not by_arm:
+        return []
+    marks = sorted({int(m) for curves in by_arm.values() for c in curves for m in c["loss"]})
+    evals = sorted({h["step"] for curves in by_arm.values() for c in curves for h in c["heldout"]})
+    lines = ["", "Training curves (mean over seeds): train loss over the window ending at step s, then held-out "
+             "forward KL to the teacher at each evaluation.", "",
+             "| arm | " + " | ".join(f"loss @{m}" for m in marks) + " | "
+             + " | ".join(f"held-out FKL @{s}" for s in evals) + " |",
+             "|---" * (1 + len(marks) + len(evals)) + "|"]
+    for arm, curves in by_arm.items():
+        loss = [_mean([c["loss"].get(str(m), {}).get("loss") for c in curves]) for m in marks]
+        fkl = [_mean([h["heldout_forward_kl"] for c in curves for h in c["heldout"] if h["step"] == s])
+               for s in evals]
+        lines.append(f"| {arm} | " + " | ".join(loss + fkl) + " |")
+    return lines
+
+
+def _mean(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.3f}" if values else "-"
 
 
 def machine(threads: int | None) -> dict:
