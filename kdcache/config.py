@@ -14,7 +14,8 @@ import yaml
 
 from kdcache.errors import BadInputError
 
-DataFormat = Literal["auto", "jsonl", "csv", "parquet", "datasets"]
+# datasets: a `save_to_disk` folder; hub: `datasets.load_dataset` (a hub id, a hub-layout folder, or data_files)
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "datasets", "hub"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 ChatMode = Literal["auto", "yes", "no"]  # wrap the prompt in the tokenizer's chat template (auto: when it has one)
 
@@ -35,8 +36,14 @@ class ConfigValueError(ValueError):
 class DataConfig:
     """Where examples come from and which fields of a row mean what."""
 
-    paths: list[str] = field(default_factory=list)  # JSONL, CSV, Parquet files or `save_to_disk` folders
+    # JSONL, CSV, Parquet files or globs of them, `save_to_disk` folders (FOLDER#SPLIT), hub-layout folders or hub
+    # dataset ids (ID#SPLIT; offline from the local cache with HF_DATASETS_OFFLINE=1)
+    paths: list[str] = field(default_factory=list)
     format: DataFormat = "auto"
+    config_name: str | None = None  # hub datasets: the dataset config (load_dataset's `name`)
+    split: str | None = None  # hub datasets: the split to read (default: train)
+    data_files: list[str] = field(default_factory=list)  # passed to load_dataset (paths then names a builder: json)
+    streaming: bool = False  # hub datasets: read rows as they come instead of converting to Arrow first
     id_field: str | None = None  # a stable example id; the row number is used when absent
     target_field: str | None = None  # the answer; `{field}` placeholders in the template may use any field
     label_fields: list[str] = field(default_factory=list)  # fields copied to the records as labels
