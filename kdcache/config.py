@@ -60,6 +60,16 @@ class TemplateConfig:
     chat: ChatMode = "auto"
     distill: Literal["target", "all"] = "target"  # distill answer tokens only, or every token after the first
     add_eos: bool = True  # end the target with the tokenizer's EOS token, so the student learns to stop
+    # Conversations (kdcache/data/chat.py): the field holding each row's turns, OpenAI/TRL `messages` (role, content)
+    # or ShareGPT `conversations` (from, value), rendered with the tokenizer's chat template; prompt, target and
+    # add_eos are then unused. Found by itself when the rows have `messages` or `conversations` and no `input`.
+    messages: str | None = None
+    roles_to_train: list[str] = field(default_factory=lambda: ["assistant"])  # whose turns are distilled
+
+    def __post_init__(self) -> None:
+        roles = ("system", "user", "assistant", "tool")
+        if not self.roles_to_train or any(role not in roles for role in self.roles_to_train):
+            raise ConfigValueError("roles_to_train", f"a non-empty list of {', '.join(roles)}", self.roles_to_train)
 
 
 @dataclass
