@@ -296,6 +296,9 @@ class LoraConfig:
 #: (GPT-2 accounting QA) and 2 (UPSC); 1.5, 3 and 4 cover the usual ablation range.
 DEFAULT_TAIL_TEMPERATURES: tuple[float, ...] = (0.7, 1.5, 2.0, 3.0, 4.0)
 
+#: The names of the CE/KD mix in LossConfig (one value: an ablation grid over one replaces the base's).
+LOSS_WEIGHT_NAMES = ("ce_weight", "kd_weight", "alpha")
+
 TailMode = Literal["exact", "interpolate", "single_atom"]
 #: How a trainer gets the teacher's tail at its temperature (kdcache/tempering.py, docs/losses.md).
 TAIL_MODES: tuple[str, ...] = typing.get_args(TailMode)
@@ -307,12 +310,17 @@ LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
 @dataclass(frozen=True)
 class LossConfig:
-    """What the student is trained on: ``alpha * CE(labels) + (1 - alpha) * KD(kind)`` (docs/losses.md).
+    """What the student is trained on: ``ce_weight * CE(labels) + kd_weight * KD(kind)`` (docs/losses.md).
 
     kind: one of :data:`LOSS_KINDS`.
     temperature: T > 0 (for ``sampled_ce`` it should be the sampling temperature the cache was built with,
         normally 1).
-    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain CE).
+    ce_weight, kd_weight: the weights of the hard-label cross-entropy and of the distillation term, each in
+        [0, 1] and summing to 1 (give either; default 0.5 each). ``kd_weight`` is torchtune's ``kd_ratio`` and
+        Axolotl's ``kd_alpha``; ``ce_weight = 1`` is plain fine-tuning.
+    alpha: another name for ``ce_weight`` (kdcache's first name for it, kept so older specs run; note that it
+        weights the cross-entropy, the reverse of torchtune's and Axolotl's alphas). Settings that disagree are
+        refused. After construction all three hold the resolved values.
     skew: skew coefficient a in [0, 1) for the skew KLs (DistiLLM uses 0.1).
     beta: JSD mixing weight in (0, 1).
     top_k: use only the first k' <= k cached entries of topk targets; the dropped entries' mass is folded exactly
@@ -326,7 +334,9 @@ class LossConfig:
 
     kind: LossKind = "forward_kl"
     temperature: float = 1.0
-    alpha: float = 0.5
+    alpha: float | None = None
+    ce_weight: float | None = None
+    kd_weight: float | None = None
     skew: float = 0.1
     beta: float = 0.5
     top_k: int | None = None
@@ -340,8 +350,7 @@ class LossConfig:
             raise ConfigValueError("kind", f"one of {', '.join(LOSS_KINDS)}", self.kind)
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigValueError("temperature", "a positive finite number", self.temperature)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigValueError("alpha", "in [0, 1]", self.alpha)
+        self._resolve_weights()
         if not 0.0 <= self.skew < 1.0:
             raise ConfigValueError("skew", "in [0, 1)", self.skew)
         if not 0.0 < self.beta < 1.0:
@@ -352,6 +361,31 @@ class LossConfig:
             if self.kind == "sampled_ce":
                 raise ConfigValueError("top_k", "None with kind 'sampled_ce' (it applies to topk targets only)",
                                        self.top_k)
+
+    def _resolve_weights(self) -> None:
+        """Check ce_weight, kd_weight and alpha against each other and set all three (frozen: object.__setattr__)."""
+        implied = {}  # the cross-entropy weight each given setting means
+        for name in ("ce_weight", "kd_weight", "alpha"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigValueError(name, "a number in [0, 1]", value)
+            implied[name] = 1.0 - value if name == "kd_weight" else float(value)
+        names = list(implied)
+        for name in names[1:]:
+            if abs(implied[name] - implied[names[0]]) > 1e-9:
+                wanted = 1.0 - implied[names[0]] if name == "kd_weight" else implied[names[0]]
+                raise ConfigValueError(name, f"{wanted:g} to agree with {names[0]}={getattr(self, names[0])!r} (the "
+                                       "CE and KD weights sum to 1, and alpha is another name for ce_weight): give "
+                                       "only one of them", getattr(self, name))
+        ce = round(next(iter(implied.values()), 0.5), 12)
+        for name, value in (("ce_weight", ce), ("kd_weight", 1.0 - ce), ("alpha", ce)):
+            object.__setattr__(self, name, value)
+
+    def with_ce_weight(self, ce_weight: float) -> LossConfig:
+        """The same loss with another CE/KD mix (the three weight names set consistently)."""
+        return dataclasses.replace(self, ce_weight=ce_weight, kd_weight=None, alpha=None)
 
 
 @dataclass
@@ -372,7 +406,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states
     warmup_steps: int = 0
-    max_steps: int = 100
+    max_steps: int | None = None  # optimizer steps; default 100, or what num_epochs gives
+    num_epochs: float | None = None  # passes over the train split instead (steps counted from the cache); not both
     clip_grad: float = 1.0
     chunk_size: int = 1024  # target positions projected through the LM head at once
     gradient_checkpointing: bool = False
