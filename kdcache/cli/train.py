@@ -75,8 +75,7 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
 
     \b
     Grid keys may be any config key: loss.kind, loss.temperature, loss.kd_weight (or loss.alpha), loss.top_k
-    (k' <= the cache's k),
-    loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    (k' <= the cache's k), loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
     """
     from kdcache.train.ablate import run_grid, run_optuna
 
