@@ -370,7 +370,7 @@ class LossConfig:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigValueError(name, "a number in [0, 1]", value)
+                raise ConfigValueError(name, "in [0, 1]", value)
             implied[name] = 1.0 - value if name == "kd_weight" else float(value)
         names = list(implied)
         for name in names[1:]:

@@ -31,7 +31,7 @@ def test_ce_weight_kd_weight_and_alpha_are_one_setting():
      "another name for ce_weight): give only one of them, got 0.3"),
     (["loss.ce_weight=0.2", "loss.kd_weight=0.2"], "config key 'loss.kd_weight' must be 0.8 to agree with "
                                                    "ce_weight=0.2"),
-    (["loss.kd_weight=1.5"], "config key 'loss.kd_weight' must be a number in [0, 1], got 1.5"),
+    (["loss.kd_weight=1.5"], "config key 'loss.kd_weight' must be in [0, 1], got 1.5"),
 ])
 def test_contradictory_or_bad_weights_are_refused_in_one_line(settings, message):
     with pytest.raises(BadInputError) as error:
