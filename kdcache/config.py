@@ -14,7 +14,8 @@ import yaml
 
 from kdcache.errors import BadInputError
 
-DataFormat = Literal["auto", "jsonl", "csv", "parquet", "datasets"]
+# datasets: a `save_to_disk` folder; hub: `datasets.load_dataset` (a hub id, a hub-layout folder, or data_files)
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "datasets", "hub"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 ChatMode = Literal["auto", "yes", "no"]  # wrap the prompt in the tokenizer's chat template (auto: when it has one)
 
@@ -35,8 +36,14 @@ class ConfigValueError(ValueError):
 class DataConfig:
     """Where examples come from and which fields of a row mean what."""
 
-    paths: list[str] = field(default_factory=list)  # JSONL, CSV, Parquet files or `save_to_disk` folders
+    # JSONL, CSV, Parquet files or globs of them, `save_to_disk` folders (FOLDER#SPLIT), hub-layout folders or hub
+    # dataset ids (ID#SPLIT; offline from the local cache with HF_DATASETS_OFFLINE=1)
+    paths: list[str] = field(default_factory=list)
     format: DataFormat = "auto"
+    config_name: str | None = None  # hub datasets: the dataset config (load_dataset's `name`)
+    split: str | None = None  # hub datasets: the split to read (default: train)
+    data_files: list[str] = field(default_factory=list)  # passed to load_dataset (paths then names a builder: json)
+    streaming: bool = False  # hub datasets: read rows as they come instead of converting to Arrow first
     id_field: str | None = None  # a stable example id; the row number is used when absent
     target_field: str | None = None  # the answer; `{field}` placeholders in the template may use any field
     label_fields: list[str] = field(default_factory=list)  # fields copied to the records as labels
@@ -53,6 +60,16 @@ class TemplateConfig:
     chat: ChatMode = "auto"
     distill: Literal["target", "all"] = "target"  # distill answer tokens only, or every token after the first
     add_eos: bool = True  # end the target with the tokenizer's EOS token, so the student learns to stop
+    # Conversations (kdcache/data/chat.py): the field holding each row's turns, OpenAI/TRL `messages` (role, content)
+    # or ShareGPT `conversations` (from, value), rendered with the tokenizer's chat template; prompt, target and
+    # add_eos are then unused. Found by itself when the rows have `messages` or `conversations` and no `input`.
+    messages: str | None = None
+    roles_to_train: list[str] = field(default_factory=lambda: ["assistant"])  # whose turns are distilled
+
+    def __post_init__(self) -> None:
+        roles = ("system", "user", "assistant", "tool")
+        if not self.roles_to_train or any(role not in roles for role in self.roles_to_train):
+            raise ConfigValueError("roles_to_train", f"a non-empty list of {', '.join(roles)}", self.roles_to_train)
 
 
 @dataclass
@@ -279,6 +296,9 @@ class LoraConfig:
 #: (GPT-2 accounting QA) and 2 (UPSC); 1.5, 3 and 4 cover the usual ablation range.
 DEFAULT_TAIL_TEMPERATURES: tuple[float, ...] = (0.7, 1.5, 2.0, 3.0, 4.0)
 
+#: The names of the CE/KD mix in LossConfig (one value: an ablation grid over one replaces the base's).
+LOSS_WEIGHT_NAMES = ("ce_weight", "kd_weight", "alpha")
+
 TailMode = Literal["exact", "interpolate", "single_atom"]
 #: How a trainer gets the teacher's tail at its temperature (kdcache/tempering.py, docs/losses.md).
 TAIL_MODES: tuple[str, ...] = typing.get_args(TailMode)
@@ -290,12 +310,17 @@ LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
 @dataclass(frozen=True)
 class LossConfig:
-    """What the student is trained on: ``alpha * CE(labels) + (1 - alpha) * KD(kind)`` (docs/losses.md).
+    """What the student is trained on: ``ce_weight * CE(labels) + kd_weight * KD(kind)`` (docs/losses.md).
 
     kind: one of :data:`LOSS_KINDS`.
     temperature: T > 0 (for ``sampled_ce`` it should be the sampling temperature the cache was built with,
         normally 1).
-    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain CE).
+    ce_weight, kd_weight: the weights of the hard-label cross-entropy and of the distillation term, each in
+        [0, 1] and summing to 1 (give either; default 0.5 each). ``kd_weight`` is torchtune's ``kd_ratio`` and
+        Axolotl's ``kd_alpha``; ``ce_weight = 1`` is plain fine-tuning.
+    alpha: another name for ``ce_weight`` (kdcache's first name for it, kept so older specs run; note that it
+        weights the cross-entropy, the reverse of torchtune's and Axolotl's alphas). Settings that disagree are
+        refused. After construction all three hold the resolved values.
     skew: skew coefficient a in [0, 1) for the skew KLs (DistiLLM uses 0.1).
     beta: JSD mixing weight in (0, 1).
     top_k: use only the first k' <= k cached entries of topk targets; the dropped entries' mass is folded exactly
@@ -309,7 +334,9 @@ class LossConfig:
 
     kind: LossKind = "forward_kl"
     temperature: float = 1.0
-    alpha: float = 0.5
+    alpha: float | None = None
+    ce_weight: float | None = None
+    kd_weight: float | None = None
     skew: float = 0.1
     beta: float = 0.5
     top_k: int | None = None
@@ -323,8 +350,7 @@ class LossConfig:
             raise ConfigValueError("kind", f"one of {', '.join(LOSS_KINDS)}", self.kind)
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigValueError("temperature", "a positive finite number", self.temperature)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigValueError("alpha", "in [0, 1]", self.alpha)
+        self._resolve_weights()
         if not 0.0 <= self.skew < 1.0:
             raise ConfigValueError("skew", "in [0, 1)", self.skew)
         if not 0.0 < self.beta < 1.0:
@@ -335,6 +361,31 @@ class LossConfig:
             if self.kind == "sampled_ce":
                 raise ConfigValueError("top_k", "None with kind 'sampled_ce' (it applies to topk targets only)",
                                        self.top_k)
+
+    def _resolve_weights(self) -> None:
+        """Check ce_weight, kd_weight and alpha against each other and set all three (frozen: object.__setattr__)."""
+        implied = {}  # the cross-entropy weight each given setting means
+        for name in ("ce_weight", "kd_weight", "alpha"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigValueError(name, "in [0, 1]", value)
+            implied[name] = 1.0 - value if name == "kd_weight" else float(value)
+        names = list(implied)
+        for name in names[1:]:
+            if abs(implied[name] - implied[names[0]]) > 1e-9:
+                wanted = 1.0 - implied[names[0]] if name == "kd_weight" else implied[names[0]]
+                raise ConfigValueError(name, f"{wanted:g} to agree with {names[0]}={getattr(self, names[0])!r} (the "
+                                       "CE and KD weights sum to 1, and alpha is another name for ce_weight): give "
+                                       "only one of them", getattr(self, name))
+        ce = round(next(iter(implied.values()), 0.5), 12)
+        for name, value in (("ce_weight", ce), ("kd_weight", 1.0 - ce), ("alpha", ce)):
+            object.__setattr__(self, name, value)
+
+    def with_ce_weight(self, ce_weight: float) -> LossConfig:
+        """The same loss with another CE/KD mix (the three weight names set consistently)."""
+        return dataclasses.replace(self, ce_weight=ce_weight, kd_weight=None, alpha=None)
 
 
 @dataclass
@@ -355,7 +406,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states
     warmup_steps: int = 0
-    max_steps: int = 100
+    max_steps: int | None = None  # optimizer steps; default 100, or what num_epochs gives
+    num_epochs: float | None = None  # passes over the train split instead (steps counted from the cache); not both
     clip_grad: float = 1.0
     chunk_size: int = 1024  # target positions projected through the LM head at once
     gradient_checkpointing: bool = False

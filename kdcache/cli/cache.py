@@ -30,7 +30,8 @@ def cache() -> None:
 @_option("teacher.device", "--device", help="cpu, cuda, cuda:1 or auto.")
 @_option("teacher.batch_size", "--batch-size", help="Sequences per teacher batch.")
 @_option("tokenizer", "--tokenizer", help="Tokenizer, when not the teacher's own.")
-@_option("data.paths", "--data", help="A JSONL/CSV/Parquet file or `datasets` folder (repeatable).")
+@_option("data.paths", "--data", help="A JSONL/CSV/Parquet file or glob, a `datasets` folder, or a hub dataset id "
+                                     "(repeatable; docs/data.md).")
 @_option("data.format", "--data-format", help="Format of the data files (auto: from the file name).")
 @_option("data.id_field", "--id-field", help="Field holding a stable example id.")
 @_option("data.label_fields", "--label-field", help="Field copied into the records as a label (repeatable).")

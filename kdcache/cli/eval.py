@@ -19,7 +19,8 @@ _option = functools.partial(config_option, EvalConfig)
 @_option("model", "--model", needed=True,
          help="A model folder, a LoRA adapter folder (base + adapter are loaded), or a hub id whose weights are "
               "already local.")
-@_option("data", "--data", needed=True, help="JSONL / CSV / Parquet file or `datasets` folder (repeatable).")
+@_option("data", "--data", needed=True, help="JSONL / CSV / Parquet file or glob, `datasets` folder or hub "
+                                             "dataset id (repeatable; docs/data.md).")
 @_option("labels", "--labels", metavar="LABEL",
          help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
 @_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")

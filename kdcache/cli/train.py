@@ -23,12 +23,15 @@ _option = functools.partial(config_option, TrainConfig)
          help="Run folder: checkpoints, metrics.jsonl, best/ and final/ (resumed when it exists).")
 @_option("loss.kind", "--loss", help="Distillation loss (docs/losses.md).")
 @_option("loss.temperature", "--temperature", help="Distillation temperature T.")
-@_option("loss.alpha", "--alpha", help="Weight of cross-entropy on the target tokens; 1 - alpha goes to KD.")
+@_option("loss.kd_weight", "--kd-weight", help="Weight of the distillation term; 1 - it goes to cross-entropy on "
+                                               "the target tokens (torchtune's kd_ratio).")
+@_option("loss.alpha", "--alpha", help="Another name for loss.ce_weight (= 1 - kd_weight), kept for older commands.")
 @_option("loss.top_k", "--top-k", help="Use only the first k' <= k cached entries.")
 @_option("lora.r", "--lora-r", help="LoRA rank; --set lora.enabled=false for full fine-tuning.")
 @_option("profile", "--profile", help="Precision profile.")
 @_option("batch_size", "--batch-size", help="Examples per micro-batch.")
-@_option("max_steps", "--max-steps", help="Optimizer steps.")
+@_option("max_steps", "--max-steps", help="Optimizer steps (default 100).")
+@_option("num_epochs", "--num-epochs", help="Passes over the train split instead of --max-steps.")
 @_option("lr", "--lr", help="Peak learning rate.")
 @_option("allow_config_change", "--allow-config-change", sets=True,
          help="Resume a run folder whose checkpoint was trained with other settings (the old ones are kept).")
@@ -71,8 +74,8 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
     """Train one student per grid point (or per Optuna trial) from the same cache; write one table of metrics.
 
     \b
-    Grid keys may be any config key: loss.kind, loss.temperature, loss.alpha, loss.top_k (k' <= the cache's k),
-    loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    Grid keys may be any config key: loss.kind, loss.temperature, loss.kd_weight (or loss.alpha), loss.top_k
+    (k' <= the cache's k), loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
     """
     from kdcache.train.ablate import run_grid, run_optuna
 

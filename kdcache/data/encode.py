@@ -47,7 +47,7 @@ def prompt_ids(template: TemplateConfig, tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_specials)["input_ids"]
 
 
-def _fit_prompt(tokenizer, ids: list[int], room: int) -> tuple[list[int], int]:
+def fit_prompt(tokenizer, ids: list[int], room: int) -> tuple[list[int], int]:
     """Cut the prompt from the left to `room` tokens; an empty prompt gets one BOS/EOS token as context."""
     dropped = max(0, len(ids) - room)
     ids = ids[dropped:]
@@ -82,13 +82,13 @@ def encode(template: TemplateConfig, tokenizer, row: Row, prompt: str, target: s
             "(raise max_length or shorten the target)",
             field="target",
         )
-    ids, dropped = _fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room_for_prompt)
+    ids, dropped = fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room_for_prompt)
     return _with_target(template, ids, target_ids, dropped)
 
 
 def encode_prompt(template: TemplateConfig, tokenizer, prompt: str, room: int) -> Encoded:
     """A prompt alone (for teacher-generated answers), cut from the left to `room` tokens; nothing is a target yet."""
-    ids, dropped = _fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room)
+    ids, dropped = fit_prompt(tokenizer, prompt_ids(template, tokenizer, prompt), room)
     return Encoded(input_ids=ids, target_mask=[False] * len(ids), prompt_truncated=dropped)
 
 

@@ -1,4 +1,5 @@
-"""Read example rows from JSONL, CSV, Parquet files or `datasets` folders (local paths or fsspec URLs)."""
+"""Read example rows from JSONL, CSV, Parquet files (or globs of them), `datasets` folders and hub datasets (local
+paths or fsspec URLs; kdcache.data.hub for the `datasets` routes)."""
 
 from __future__ import annotations
 
@@ -38,20 +39,46 @@ class BadRow(Exception):
         super().__init__(f"{where}: {reason}")
 
 
+_SUFFIXES = ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet"))
+_GLOB_CHARS = set("*?[")
+
+
+def _suffix_format(path: str) -> str | None:
+    lowered = path.split("#", 1)[0].rstrip("/").lower()
+    return next((fmt for suffix, fmt in _SUFFIXES if lowered.endswith(suffix)), None)
+
+
 def detect_format(path: str) -> str:
-    """The format a path's name implies; a folder without a known suffix is taken as a `datasets` folder."""
+    """The format a path implies: its suffix; a `save_to_disk` folder is "datasets"; another folder, or a name
+    spelled like a hub id that is not a local path, is "hub" (read with `datasets.load_dataset`)."""
+    from kdcache.data.hub import is_saved_folder, looks_like_hub_id
+
+    fmt = _suffix_format(path)
+    if fmt is not None:
+        return fmt
     base = path.split("#", 1)[0].rstrip("/")
-    lowered = base.lower()
-    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
-        if lowered.endswith(suffix):
-            return fmt
     fs, fs_path = fsspec.core.url_to_fs(base)
     if fs.isdir(fs_path):
-        return "datasets"
+        return "datasets" if is_saved_folder(fs, fs_path) else "hub"
+    if not fs.exists(fs_path) and looks_like_hub_id(path):
+        return "hub"
     raise BadInputError(
-        f"cannot tell the format of {path}: name it .jsonl, .csv or .parquet, pass a `datasets` folder, "
+        f"cannot tell the format of {path}: name it .jsonl, .csv or .parquet, pass a folder or a hub dataset id, "
         "or set data.format"
     )
+
+
+def expand_glob(path: str) -> list[str]:
+    """The files a glob pattern (`data/*.parquet`, `s3://bucket/part-*.jsonl`) matches, sorted; a path without
+    glob characters is returned as it is."""
+    if not _GLOB_CHARS & set(path):
+        return [path]
+    fs, pattern = fsspec.core.url_to_fs(path)
+    matches = sorted(fs.glob(pattern))
+    if not matches:
+        raise BadInputError(f"{path} matches no file: check the pattern (globs are expanded by fsspec)")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [match if protocol in ("file", "local") else f"{protocol}://{match}" for match in matches]
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> str:
@@ -130,44 +157,51 @@ def _read_parquet(path: str) -> list[Row]:
     return [Row(path, number, value) for number, value in enumerate(table.to_pylist(), start=1)]
 
 
-def _read_datasets_folder(path: str) -> list[Row]:
-    import datasets
+def _read_file(path: str, fmt: str, bad: list[BadRow]) -> list[Row]:
+    fs, fs_path = fsspec.core.url_to_fs(path.split("#", 1)[0])
+    if not fs.exists(fs_path):
+        raise BadInputError(f"data file {path} does not exist")
+    if fmt == "jsonl":
+        return _read_jsonl(path, bad)
+    if fmt == "csv":
+        return _read_csv(path, bad)
+    if fmt == "parquet":
+        return _read_parquet(path)
+    from kdcache.data.hub import read_saved_folder
 
-    folder, _, split = path.partition("#")
-    try:
-        loaded = datasets.load_from_disk(folder)
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{folder} is not a folder written by `datasets` save_to_disk ({exc})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if not split:
-            raise BadInputError(
-                f"{folder} holds several splits ({', '.join(loaded)}): name one as {folder}#SPLIT"
-            )
-        if split not in loaded:
-            raise BadInputError(f"{folder} has no split '{split}'; it has {', '.join(loaded)}")
-        loaded = loaded[split]
-    return [Row(path, number, dict(value)) for number, value in enumerate(loaded, start=1)]
+    return read_saved_folder(path)
+
+
+def _read_source(path: str, config: DataConfig, bad: list[BadRow], room: int | None) -> list[Row]:
+    """The rows of one entry of `data.paths` (a file, a glob of files, a folder or a hub id)."""
+    if config.format == "hub" or (config.format == "auto" and config.data_files):
+        from kdcache.data.hub import iter_hub_rows
+
+        return list(iter_hub_rows(path, config, room))
+    rows: list[Row] = []
+    for file in expand_glob(path):
+        fmt = config.format if config.format != "auto" else detect_format(file)
+        if fmt == "hub":
+            from kdcache.data.hub import iter_hub_rows
+
+            rows.extend(iter_hub_rows(file, config, None if room is None else room - len(rows)))
+        else:
+            rows.extend(_read_file(file, fmt, bad))
+        if room is not None and len(rows) >= room:
+            break
+    return rows
 
 
 def read_rows(config: DataConfig) -> tuple[list[Row], list[BadRow]]:
     """All rows of all configured sources in order, and the rows that did not parse."""
     if not config.paths:
-        raise BadInputError("no data given: set data.paths (a JSONL, CSV or Parquet file, or a `datasets` folder)")
+        raise BadInputError("no data given: set data.paths (a JSONL, CSV or Parquet file or glob, a `datasets` "
+                            "folder, or a hub dataset id)")
     rows: list[Row] = []
     bad: list[BadRow] = []
     for path in config.paths:
-        fmt = config.format if config.format != "auto" else detect_format(path)
-        fs, fs_path = fsspec.core.url_to_fs(path.split("#", 1)[0])
-        if not fs.exists(fs_path):
-            raise BadInputError(f"data file {path} does not exist")
-        if fmt == "jsonl":
-            rows.extend(_read_jsonl(path, bad))
-        elif fmt == "csv":
-            rows.extend(_read_csv(path, bad))
-        elif fmt == "parquet":
-            rows.extend(_read_parquet(path))
-        else:
-            rows.extend(_read_datasets_folder(path))
+        room = None if config.limit is None else config.limit - len(rows)
+        rows.extend(_read_source(path, config, bad, room))
         if config.limit is not None and len(rows) >= config.limit:
             rows = rows[: config.limit]
             break

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from kdcache.config import CacheBuildConfig, to_dict
+from kdcache.config import CacheBuildConfig, TemplateConfig, to_dict
 from kdcache.data.encode import uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
@@ -74,6 +74,9 @@ class TemplateInfo(Record):
     distill: Literal["target", "all"]
     add_eos: bool
     chat_template_used: bool
+    # Conversation rows (kdcache/data/chat.py) only, so plans of prompt/target caches stay as they were.
+    messages: str | None = omitted_when_none()
+    roles_to_train: tuple[str, ...] | None = omitted_when_none()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,15 +210,23 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
             id_field=config.data.id_field,
             label_fields=tuple(config.data.label_fields),
         ),
-        template=TemplateInfo(
-            **to_dict(config.template), chat_template_used=uses_chat_template(config.template, tokenizer)
-        ),
+        template=template_info(config.template, tokenizer),
         sparsifier=SparsifierInfo(**sparsifier),
         max_length=config.max_length,
         shard_size=config.shard_size,
         num_shards=max(1, -(-len(rows) // config.shard_size)),
         generate=generate,
     )
+
+
+def template_info(template: TemplateConfig, tokenizer) -> TemplateInfo:
+    """The plan's record of the template; `roles_to_train` is kept only with conversation rows."""
+    fields = to_dict(template)
+    if template.messages is None:
+        fields["roles_to_train"] = None
+    else:
+        fields["roles_to_train"] = tuple(fields["roles_to_train"])
+    return TemplateInfo(**fields, chat_template_used=uses_chat_template(template, tokenizer))
 
 
 # vLLM engine settings that change the teacher's numbers (the rest, such as parallelism or memory, do not).

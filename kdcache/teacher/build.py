@@ -6,6 +6,7 @@ Everything a shard holds depends only on the plan and its rows, so a resumed or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,7 +18,8 @@ import pyarrow as pa
 import torch
 
 from kdcache.config import CacheBuildConfig
-from kdcache.data.encode import Encoded, encode, encode_prompt
+from kdcache.data.chat import check_chat_tokenizer, encode_conversation, prompt_of_conversation, resolve_conversations
+from kdcache.data.encode import Encoded, encode, encode_prompt, fit_prompt
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt
 from kdcache.errors import BadInputError
@@ -67,7 +69,9 @@ def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: in
     generate = config.generate.enabled
     for offset, row in enumerate(rows):
         try:
-            if generate:  # the teacher writes the target later; a reference target is kept when the row has one
+            if config.template.messages is not None:  # a conversation (kdcache/data/chat.py)
+                prompt, target, encoded = _encode_chat(config, tokenizer, row)
+            elif generate:  # the teacher writes the target later; a reference target is kept when the row has one
                 prompt, target = render_prompt(config.template, row)
                 room = config.max_length - config.generate.max_new_tokens
                 encoded = encode_prompt(config.template, tokenizer, prompt, room)
@@ -81,6 +85,18 @@ def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: in
             continue
         good.append(Prepared(start + offset, row, prompt, target, encoded))
     return good, bad
+
+
+def _encode_chat(config: CacheBuildConfig, tokenizer, row: Row) -> tuple[str, str, Encoded]:
+    """A conversation row's prompt text, target text and tokens: its turns to train as targets, or with
+    teacher-written answers the conversation up to its last user turn as the prompt."""
+    if config.generate.enabled:
+        prompt, reference = prompt_of_conversation(config.template, tokenizer, row)
+        room = config.max_length - config.generate.max_new_tokens
+        ids, dropped = fit_prompt(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], room)
+        return prompt, reference, Encoded(input_ids=ids, target_mask=[False] * len(ids), prompt_truncated=dropped)
+    encoded, prompt, target = encode_conversation(config.template, tokenizer, row, config.max_length)
+    return prompt, target, encoded
 
 
 def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: list[int]) -> pa.Table:
@@ -285,6 +301,9 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     if not rows:
         raise BadInputError(f"no rows found in {', '.join(config.data.paths)}")
     check_ids(config, rows)
+    config = dataclasses.replace(config, template=resolve_conversations(config.template, rows[0]))
+    if config.template.messages is not None:
+        check_chat_tokenizer(config.template, tokenizer)
     stop_ids = None
     if config.generate.enabled:
         stop_ids = stop_token_ids(tokenizer, config.teacher.model, config.teacher.revision)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from kdcache.config import TrainConfig, apply_override, from_dict
+from kdcache.config import LOSS_WEIGHT_NAMES, TrainConfig, apply_override, from_dict
 from kdcache.errors import BadInputError
 from kdcache.train.trainer import train
 
@@ -50,6 +50,9 @@ def run_config(spec_base: dict, cache: str, out: Path, name: str, assignment: di
                overrides: tuple[str, ...]) -> TrainConfig:
     data = json.loads(json.dumps(spec_base))
     for key, value in assignment.items():
+        if key.startswith("loss.") and key[5:] in LOSS_WEIGHT_NAMES:  # the grid's CE/KD weight replaces the base's
+            for name in LOSS_WEIGHT_NAMES:
+                data.get("loss", {}).pop(name, None)
         apply_override(data, f"{key}={json.dumps(value)}")
     for item in overrides:
         apply_override(data, item)

@@ -350,7 +350,7 @@ class CacheDataset(IterableDataset):
             self._note_consumed(batch, batch.load_seconds)
             yield batch
 
-    def _plan(self) -> EpochPlan:
+    def epoch_plan(self) -> EpochPlan:
         s = self.settings
         sizes = [self.manifest.shards[shard].num_examples for shard in range(self.num_shards)]
         return plan_epoch(sizes, seed=s.seed, epoch=self._epoch, shuffle=s.shuffle, rank=s.rank,
@@ -361,7 +361,7 @@ class CacheDataset(IterableDataset):
         position = resume if resume is not None else LoaderState.start(self._epoch, num_workers)
         logical = position.logical_worker(worker)
         skip = position.worker_batches[logical]
-        plan = self._plan()
+        plan = self.epoch_plan()
         s = self.settings
         produced = 0
         t0 = time.perf_counter()
@@ -388,18 +388,22 @@ class CacheDataset(IterableDataset):
                              heldout_fraction=s.heldout_fraction, split_seed=s.split_seed, shuffle=s.shuffle,
                              seed=s.seed, epoch=self._epoch)
         examples = [stored[i] for i in order]
+        groups = self.batch_groups([len(e.input_ids) for e in examples], [e.index for e in examples], b)
+        return [[examples[i] for i in group] for group in groups]
+
+    def batch_groups(self, lengths: list[int], indices: list[int], b: int) -> list[list[int]]:
+        """Buffer ``b``'s batches as positions into its ordered examples (``lengths``, ``indices``: int [n])."""
+        s = self.settings
         try:
-            groups = batch_positions([len(e.input_ids) for e in examples], batch_size=s.batch_size,
-                                     max_tokens=s.max_tokens, pad_to_multiple_of=s.pad_to_multiple_of,
-                                     drop_last=s.drop_last, shuffle=s.shuffle, seed=s.seed, epoch=self._epoch,
-                                     rank=s.rank, buffer=b)
+            return batch_positions(lengths, batch_size=s.batch_size, max_tokens=s.max_tokens,
+                                   pad_to_multiple_of=s.pad_to_multiple_of, drop_last=s.drop_last, shuffle=s.shuffle,
+                                   seed=s.seed, epoch=self._epoch, rank=s.rank, buffer=b)
         except ExampleTooLong as exc:
             raise ValueError(
-                f"example {examples[exc.position].index} of {self.url} has {exc.length} tokens (padded to "
+                f"example {indices[exc.position]} of {self.url} has {exc.length} tokens (padded to "
                 f"{exc.padded}), more than max_tokens={exc.max_tokens}; raise max_tokens to at least the cache's "
                 f"max_length ({self.manifest.max_length})"
             ) from None
-        return [[examples[i] for i in group] for group in groups]
 
 
 class CacheDataLoader(DataLoader):

@@ -30,6 +30,7 @@ from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_h
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
+from kdcache.train.epochs import planned_steps
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
 from kdcache.train.objective import DistillationObjective, check_loss_for_cache
@@ -72,7 +73,7 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
     model.eval()
     kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
-    kd_only = dataclasses.replace(losses, alpha=0.0)
+    kd_only = losses.with_ce_weight(0.0)
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
     fkl_sum = 0.0
     for batch in dataset:
@@ -238,13 +239,15 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before anything is loaded
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
                   heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
                   world_size=dist.world_size, verify_checksums=config.verify_checksums)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
+    ranks_sum = (lambda value: dist.all_sum([value], precision.device)[0]) if dist.enabled else None
+    config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
+    changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
