@@ -63,7 +63,8 @@ def train_command(config_path, overrides, **options) -> None:
 @click.option("--grid", "grid_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="YAML with `base:` settings and a `grid:` of config keys to lists of values (jobs/ablation-*.yaml).")
 @click.option("--out", required=True, help="Folder for the runs and the table (ablation.csv, ablation.md).")
-@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True)
+@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True,
+              help="Every grid point, or an Optuna TPE search over the grid's values (pip install 'kdcache[optuna]').")
 @click.option("--trials", type=int, default=10, show_default=True, help="Trials for --search optuna.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every run.")
 @friendly_errors
@@ -73,6 +74,9 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
     \b
     Grid keys may be any config key: loss.kind, loss.temperature, loss.alpha, loss.top_k (k' <= the cache's k),
     loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    Runs are ranked by held-out forward KL to the teacher; with an `eval:` section in the grid file (kdcache eval
+    keys on a labelled split, plus `metric: accuracy` or macro_f1, ...; see jobs/ablation-upsc-tiny-cpu.yaml),
+    each final model is evaluated and the runs are ranked by that task metric, the KL beside it.
     """
     from kdcache.train.ablate import run_grid, run_optuna
 

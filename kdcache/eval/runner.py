@@ -11,6 +11,7 @@ import numpy as np
 
 from kdcache.config import DataConfig, EvalConfig
 from kdcache.data.sources import BadRow, Row, read_rows
+from kdcache.data.templates import warn_literal_newlines
 from kdcache.errors import BadInputError
 from kdcache.eval import metrics as M
 from kdcache.eval.scoring import (
@@ -115,6 +116,7 @@ def _progress(total: int, enabled: bool):
 def run_eval(config: EvalConfig) -> EvalResult:
     """Evaluate one model and write metrics.json, predictions.parquet, report.md (and plots) to `config.out`."""
     _check_config(config)
+    warn_literal_newlines(prompt=config.prompt, system=config.system, label_prefix=config.label_prefix)
     examples = load_examples(config)
     loaded = load_model(config.model, config.device, config.dtype, config.tokenizer, config.base)
     prompting = _prompting(config, loaded.tokenizer)

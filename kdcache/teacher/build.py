@@ -19,9 +19,9 @@ import torch
 from kdcache.config import CacheBuildConfig
 from kdcache.data.encode import Encoded, encode, encode_prompt
 from kdcache.data.sources import BadRow, Row, read_rows
-from kdcache.data.templates import render, render_prompt
+from kdcache.data.templates import render, render_prompt, warn_literal_newlines
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_tokenizer
+from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.store.location import CacheLocation
 from kdcache.store.lock import ShardClaims
@@ -277,6 +277,9 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     kill would, for tests of resumption.
     """
     check_build_config(config)
+    warn_literal_newlines(prompt=config.template.prompt, target=config.template.target, system=config.template.system)
+    if backend is None:
+        check_model_source(config.teacher.model, "teacher")
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.teacher.model, config.teacher.revision,
                                             config.teacher.trust_remote_code)
     rows, unparsed = read_rows(config.data)

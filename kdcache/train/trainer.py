@@ -26,7 +26,7 @@ import torch
 
 from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.modeling import check_model_source, load_tokenizer, output_logits, row_chunks, target_hidden_states
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
@@ -236,6 +236,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResu
 
 def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
+    check_model_source(config.student, "student")  # "folder not found" before a run folder is made
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before anything is loaded

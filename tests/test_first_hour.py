@@ -1,0 +1,177 @@
+"""The first hour's traps: missing folders named as such, eval with the cache's own prompt, literal backslash-n
+warnings, YAML booleans for yes/no keys, `cache diff` when nothing is compared, transformers' progress bars kept
+quiet, and docs/config.md kept current."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from click.testing import CliRunner
+from conftest import PROMPT, REPO, make_config
+
+from kdcache.cli import main
+from kdcache.config import CacheBuildConfig, EvalConfig, TrainConfig, load_config
+from kdcache.errors import BadInputError
+
+
+# ------------------------------------------------------------------------------------------ missing model folders
+
+
+@pytest.mark.parametrize("name", ["storage/models/tiny-student", "./student", "/nowhere/student", "student/"])
+def test_a_missing_local_folder_says_folder_not_found(name):
+    from kdcache.modeling import check_model_source
+
+    with pytest.raises(BadInputError, match=f"student folder not found: {name}"):
+        check_model_source(name, "student")
+
+
+def test_a_hub_id_is_left_to_transformers():
+    from kdcache.modeling import check_model_source, looks_like_local_path
+
+    check_model_source("Qwen/Qwen2.5-1.5B-Instruct")  # no error here: it may be in the hub cache
+    assert not looks_like_local_path("Qwen/Qwen2.5-1.5B-Instruct") and not looks_like_local_path("gpt2")
+
+
+def test_train_with_a_missing_student_folder_says_so_and_makes_no_run_folder(tmp_path, sharp_cache):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--cache", sharp_cache, "--student", "storage/models/tiny-student",
+                                       "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2
+    assert "student folder not found: storage/models/tiny-student" in result.output
+    assert "Repo id" not in result.output and not out.exists()
+
+
+def test_cache_build_with_a_missing_teacher_folder_says_so(tmp_path, data_file):
+    result = CliRunner().invoke(main, ["cache", "build", "--teacher", "storage/demo/teacher", "--data", data_file,
+                                       "--output", str(tmp_path / "cache"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "teacher folder not found: storage/demo/teacher" in result.output and "kdcache demo" in result.output
+
+
+# ------------------------------------------------------------------------------------ eval with the cache's prompt
+
+
+def test_eval_settings_come_from_the_cache_plan(sharp_cache):
+    from kdcache.eval.from_cache import eval_settings_from_cache
+
+    settings = eval_settings_from_cache(sharp_cache)
+    plan = json.loads((REPO / sharp_cache / "plan.json").read_text())
+    assert settings == {"prompt": PROMPT, "system": None,
+                        "chat": "yes" if plan["template"]["chat_template_used"] else "no",
+                        "label_prefix": " ", "label_field": "gs_paper"}
+
+
+@pytest.mark.parametrize("target, expected", [
+    (" {gs_paper}", (" ", "gs_paper")), ("{label}", ("", "label")), ("Answer: {a} ({b})", ("Answer: ", None)),
+    ("{a}.", ("", None)), ("constant", ("", None)), ("{row[0]}", ("", None))])
+def test_target_prefix_and_field(target, expected):
+    from kdcache.eval.from_cache import target_prefix_and_field
+
+    assert target_prefix_and_field(target) == expected
+
+
+def test_eval_from_cache_scores_the_trained_prompt_and_options_still_override(tmp_path, sharp_cache, teacher_dir,
+                                                                               data_file):
+    out = tmp_path / "eval"
+    args = ["eval", "--from-cache", sharp_cache, "--model", teacher_dir, "--data", data_file, "--labels", "GS1",
+            "--labels", "GS2", "--labels", "none", "--limit", "3", "--no-plots", "--no-progress", "--no-warmup",
+            "--label-prefix", "  "]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "metrics.json").read_text())["run"]
+    assert run["prompt"] == PROMPT and "\n" in run["prompt"] and run["label_field"] == "gs_paper"
+    assert run["label_prefix"] == "  "  # given on the command line: it wins over the cache's " "
+
+
+def test_a_literal_backslash_n_in_a_template_is_warned_about(caplog):
+    from kdcache.data.templates import warn_literal_newlines
+
+    with caplog.at_level(logging.WARNING):
+        assert warn_literal_newlines(prompt="Title: {title}\\nWhich paper?", target=" {gs_paper}") == ["prompt"]
+    assert "literal backslash-n" in caplog.text and "$'" in caplog.text
+    assert warn_literal_newlines(prompt="Title: {title}\nWhich paper?", system=None) == []
+
+
+def test_eval_help_shows_no_single_quoted_backslash_n():
+    for command in (["eval", "--help"], ["cache", "build", "--help"]):
+        text = CliRunner().invoke(main, command).output
+        assert not any("'" in line and "\\n" in line and "$'" not in line for line in text.splitlines()), text
+
+
+# --------------------------------------------------------------------------------------------- YAML yes/no values
+
+
+@pytest.mark.parametrize("raw, expected", [("no", "no"), ("yes", "yes"), ("false", "no"), ("true", "yes"),
+                                           ("auto", "auto"), ("'no'", "no")])
+def test_template_chat_accepts_yaml_booleans(raw, expected):
+    assert load_config(CacheBuildConfig, None, [f"template.chat={raw}"]).template.chat == expected
+    assert load_config(EvalConfig, None, [f"chat={raw}"]).chat == expected
+
+
+def test_a_yaml_boolean_is_still_refused_where_the_choices_are_not_yes_no():
+    with pytest.raises(BadInputError, match="template.distill"):
+        load_config(CacheBuildConfig, None, ["template.distill=no"])
+
+
+# ------------------------------------------------------------------------------------------ cache diff, nothing
+
+
+def test_cache_diff_says_when_nothing_was_compared(tmp_path, teacher_dir, data_file):
+    from kdcache.teacher.build import build_cache
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_cache(make_config(a, teacher_dir, data_file, "data.limit=4"))
+    # the same rows under another prompt: every example is in both, none with the same tokens
+    build_cache(make_config(b, teacher_dir, data_file, "data.limit=4", 'template.prompt="Article: {text}"'))
+    result = CliRunner().invoke(main, ["cache", "diff", str(a), str(b)])
+    assert result.exit_code == 1
+    assert "NOTHING COMPARED" in result.output and "other tokens" in result.output
+    assert "top-1 agreement" not in result.output and "logprob diff" not in result.output
+    report = json.loads(CliRunner().invoke(main, ["cache", "diff", str(a), str(b), "--json"]).output)
+    assert report["nothing_compared"] is True and report["agrees"] is False
+    same = json.loads(CliRunner().invoke(main, ["cache", "diff", str(a), str(a), "--json"]).output)
+    assert same["nothing_compared"] is False and same["agrees"] is True
+
+
+# ----------------------------------------------------------------------------------------- library progress bars
+
+
+def test_transformers_progress_bars_are_off_under_the_cli_unless_verbose(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    try:
+        assert CliRunner().invoke(main, ["-v", "cache", "--help"]).exit_code == 0
+        assert hf_logging.is_progress_bar_enabled()
+        assert CliRunner().invoke(main, ["cache", "--help"]).exit_code == 0
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
+
+
+# --------------------------------------------------------------------------------------------------- config docs
+
+
+def test_config_reference_is_current():
+    from kdcache.config_docs import DOC_PATH, render
+
+    assert DOC_PATH.read_text() == render(), "docs/config.md is stale: run python -m kdcache.config_docs --write"
+
+
+def test_config_reference_lists_every_key_with_help():
+    from kdcache.config_docs import render
+
+    text = render()
+    for key in ("patience", "heldout_fraction", "max_tokens", "loss.temperature", "template.chat", "data.paths",
+                "teacher.vllm", "label_prefix"):
+        assert f"| `{key}` |" in text, key
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows and all(not line.rstrip().endswith("|  |") for line in rows), [
+        line for line in rows if line.rstrip().endswith("|  |")]
+    assert load_config(TrainConfig, None, []).patience is None  # the documented default is the real one
