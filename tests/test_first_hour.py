@@ -175,3 +175,56 @@ def test_config_reference_lists_every_key_with_help():
     assert rows and all(not line.rstrip().endswith("|  |") for line in rows), [
         line for line in rows if line.rstrip().endswith("|  |")]
     assert load_config(TrainConfig, None, []).patience is None  # the documented default is the real one
+
+
+# ----------------------------------------------------------------------------------- ablate by a task metric
+
+
+def _grid(tmp_path, student_dir, data_file, values):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {{student: {student_dir}, profile: cpu, batch_size: 4, max_steps: 2, eval_every: 2, save_every: 2,\n"
+        "       heldout_fraction: 0.25, lora: {enabled: false}, progress: false}\n"
+        f"grid:\n  lr: {values}\n"
+        f"eval: {{data: [{data_file}], limit: 6, labels: [GS1, GS2, GS3, GS4, none], metric: macro_f1}}\n")
+    return grid
+
+
+def test_ablate_ranks_by_the_task_metric_and_reports_the_kl_beside_it(tmp_path, sharp_cache, student_dir, data_file):
+    import csv
+
+    grid = _grid(tmp_path, student_dir, data_file, "[1.0e-6, 0.05]")
+    result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(grid), "--out",
+                                       str(tmp_path / "abl")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
+    assert len(rows) == 2 and all(r["heldout_forward_kl"] for r in rows)
+    scores = [float(r["eval_macro_f1"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)  # best task metric first
+    for row in rows:  # each figure is the run's own eval, with the cache's prompt
+        metrics = json.loads((tmp_path / "abl" / row["run"] / "eval" / "metrics.json").read_text())
+        assert metrics["macro_f1"] == pytest.approx(float(row["eval_macro_f1"]))
+        assert metrics["run"]["prompt"] == PROMPT and metrics["n"] == 6
+    assert "ranked by macro_f1" in (tmp_path / "abl" / "ablation.md").read_text()
+
+
+def test_ablate_refuses_an_unknown_task_metric(tmp_path, sharp_cache, student_dir, data_file):
+    grid = _grid(tmp_path, student_dir, data_file, "[1.0e-3]")
+    grid.write_text(grid.read_text().replace("metric: macro_f1", "metric: acuracy"))
+    result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(grid), "--out",
+                                       str(tmp_path / "abl")])
+    assert result.exit_code == 2 and "eval.metric 'acuracy' is not in the eval's metrics.json" in result.output
+
+
+def test_ablate_optuna_search_runs_for_real(tmp_path, sharp_cache, student_dir, data_file):
+    pytest.importorskip("optuna", reason="the optuna extra (in dev) is not installed")
+    import csv
+
+    grid = _grid(tmp_path, student_dir, data_file, "[1.0e-6, 1.0e-3, 0.05]")
+    result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(grid), "--out",
+                                       str(tmp_path / "opt"), "--search", "optuna", "--trials", "3"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "opt" / "ablation.csv")))
+    assert sorted(r["run"] for r in rows) == ["trial-000", "trial-001", "trial-002"]
+    assert all(r["lr"] in ("1e-06", "0.001", "0.05") and r["eval_macro_f1"] for r in rows)
+    assert (tmp_path / "opt" / "trial-002" / "eval" / "metrics.json").exists()
