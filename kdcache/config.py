@@ -364,6 +364,9 @@ class TrainConfig:
     # Share of the cache's examples held out of training (a hash of each example's row index: the same rows in every
     # run over the cache) for the held-out figures every eval_every steps; 0 trains on every example.
     heldout_fraction: float = 0.1
+    # A separate cache (same tokenizer) whose every example is the held-out set, e.g. with heldout_fraction=0 to
+    # train on every example of `cache`; the teacher's figures there are the held-out ones.
+    heldout_cache: str | None = None
     eval_every: int = 50  # steps between held-out evaluations (0: none)
     patience: int | None = None  # stop after this many evaluations without improvement
     save_every: int = 50  # steps between checkpoints (a re-run resumes from the last); the last step is saved too

@@ -83,6 +83,9 @@ def test_eval_from_cache_scores_the_trained_prompt_and_options_still_override(tm
     run = json.loads((out / "metrics.json").read_text())["run"]
     assert run["prompt"] == PROMPT and "\n" in run["prompt"] and run["label_field"] == "gs_paper"
     assert run["label_prefix"] == "  "  # given on the command line: it wins over the cache's " "
+    speed = json.loads((out / "metrics.json").read_text())["speed"]
+    assert speed["wall_s"] >= speed["total_s"] > 0 and speed["prompt_tokens_per_s"] > 0
+    assert "wall time" in result.output
 
 
 def test_a_literal_backslash_n_in_a_template_is_warned_about(caplog):
@@ -122,7 +125,9 @@ def test_cache_diff_says_when_nothing_was_compared(tmp_path, teacher_dir, data_f
     from kdcache.teacher.build import build_cache
 
     a, b = tmp_path / "a", tmp_path / "b"
-    build_cache(make_config(a, teacher_dir, data_file, "data.limit=4"))
+    built = build_cache(make_config(a, teacher_dir, data_file, "data.limit=4"))
+    assert built.wall_s > 0 and built.tokens_written == built.manifest.counts.num_tokens > 0
+    assert built.targets_written == built.manifest.counts.num_targets and built.tokens_per_s > 0
     # the same rows under another prompt: every example is in both, none with the same tokens
     build_cache(make_config(b, teacher_dir, data_file, "data.limit=4", 'template.prompt="Article: {text}"'))
     result = CliRunner().invoke(main, ["cache", "diff", str(a), str(b)])
@@ -228,3 +233,70 @@ def test_ablate_optuna_search_runs_for_real(tmp_path, sharp_cache, student_dir, 
     assert sorted(r["run"] for r in rows) == ["trial-000", "trial-001", "trial-002"]
     assert all(r["lr"] in ("1e-06", "0.001", "0.05") and r["eval_macro_f1"] for r in rows)
     assert (tmp_path / "opt" / "trial-002" / "eval" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------- held-out figures, run summary, agreement
+
+
+def test_heldout_figures_on_answer_tokens_leave_out_exactly_the_eos_targets(sharp_cache, student_dir, tokenizer):
+    from kdcache.config import LoraConfig, LossConfig
+    from kdcache.train.loader import CacheDataset
+    from kdcache.train.student import load_student, resolve_precision
+    from kdcache.train.trainer import evaluate
+
+    heldout = CacheDataset(sharp_cache, split="heldout", heldout_fraction=0.5, batch_size=4, shuffle=False)
+    precision = resolve_precision("cpu", True)
+    model = load_student(student_dir, precision, LoraConfig(enabled=False), heldout.vocab_size)
+    eos = tokenizer.eos_token_id
+    labels = [int(t) for batch in heldout for t in batch.labels]
+    assert labels.count(eos) > 0  # the cache's targets end with EOS
+    figures = evaluate(model, heldout, LossConfig(alpha=0.0), precision, 7, eos_id=eos)
+    assert figures["heldout_targets"] == len(labels)
+    assert figures["heldout_answer_targets"] == len(labels) - labels.count(eos)
+    # with an id no target has, the answer figures are the all-targets ones
+    same = evaluate(model, heldout, LossConfig(alpha=0.0), precision, 7, eos_id=-1)
+    for key in ("heldout_kd", "heldout_forward_kl", "heldout_top1_agreement"):
+        assert same[f"{key}_answer"] == pytest.approx(same[key]) == pytest.approx(figures[key])
+    assert figures["heldout_forward_kl_answer"] != pytest.approx(figures["heldout_forward_kl"])
+
+
+def test_heldout_fraction_zero_with_a_separate_heldout_cache(tmp_path, sharp_cache, student_dir):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--cache", sharp_cache, "--student", student_dir, "--out", str(out),
+                                       "--max-steps", "2", "--batch-size", "4", "--no-progress",
+                                       "--set", "heldout_fraction=0", "--set", f"heldout_cache={sharp_cache}",
+                                       "--set", "eval_every=2", "--set", "lora.enabled=false",
+                                       "--set", "profile=cpu", "--set", "tensorboard=false"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert "training used every example of the cache" in summary["heldout"]
+    assert summary["heldout_targets"] > 0 and summary["wall_s"] > 0 and summary["tokens_per_s"] > 0
+    assert "held out: every example of" in result.output and "answer tokens only (no EOS)" in result.output
+    assert "tokens/s" in result.output
+
+
+def test_the_run_summary_says_what_was_held_out(tmp_path, sharp_cache, student_dir):
+    from kdcache.train.trainer import train
+
+    config = load_config(TrainConfig, None, [
+        f"cache={sharp_cache}", f"student={student_dir}", f"out={tmp_path / 'run'}", "max_steps=1", "batch_size=4",
+        "eval_every=0", "lora.enabled=false", "profile=cpu", "progress=false", "tensorboard=false"])
+    summary = train(config).summary
+    assert summary["heldout"].startswith("10% of the cache's examples (heldout_fraction), which training did not "
+                                         "see: it trained on the other 90%")
+
+
+def test_prediction_agreement_overall_and_per_class():
+    from kdcache.eval.compare import agreement_markdown, prediction_agreement
+
+    rows = [("x", "x", "x"), ("x", "x", "y"), ("x", "y", "y"), ("y", "y", "x"), ("y", "x", "x")]
+    a = {str(i): {"gold": g, "predicted": pa} for i, (g, pa, _) in enumerate(rows)}
+    b = {str(i): {"gold": g, "predicted": pb} for i, (g, _, pb) in enumerate(rows)}
+    result = prediction_agreement(a, b)
+    assert result["n"] == 5 and result["agreement"] == pytest.approx(3 / 5)
+    assert result["per_class"]["x"] == {"n": 3, "agreement": pytest.approx(2 / 3), "both_right": 1,
+                                        "only_a_right": 1, "only_b_right": 0, "both_wrong": 1}
+    assert result["per_class"]["y"] == {"n": 2, "agreement": pytest.approx(1 / 2), "both_right": 0,
+                                        "only_a_right": 1, "only_b_right": 0, "both_wrong": 1}
+    text = agreement_markdown(result, ("teacher", "student"))
+    assert "same label on 60.0% of the 5 examples" in text and "| x | 3 | 66.7% | 1 | 1 | 0 | 1 |" in text

@@ -78,6 +78,9 @@ def cache_build(config_path, overrides, **options) -> None:
         f"wrote {len(result.shards_written)} shards, {len(result.shards_skipped)} already done "
         f"(worker {config.worker_index} of {config.num_workers}) to {config.output}"
     )
+    if result.shards_written:
+        click.echo(f"wall time {result.wall_s:.1f} s: {result.tokens_per_s:,.0f} tokens/s, "
+                   f"{result.targets_written / result.wall_s:,.0f} target tokens/s")
     if result.finalized:
         counts = result.manifest.counts
         click.echo(f"cache complete: {counts.num_examples} examples, {counts.num_targets} target tokens")

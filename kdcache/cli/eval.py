@@ -88,7 +88,11 @@ def eval_command(config_path, from_cache, overrides, **options) -> None:
         gen = metrics["generation"]
         parts.append(f"EM {gen['exact_match']:.4f}, F1 {gen['token_f1']:.4f}, ROUGE-L {gen['rouge_l']:.4f}, "
                      f"BLEU {gen['bleu']:.4f}")
-    parts.append(f"{1000 * metrics['speed']['latency_mean_s']:.2f} ms/example")
+    speed = metrics["speed"]
+    parts.append(f"{1000 * speed['latency_mean_s']:.2f} ms/example")
+    if speed.get("prompt_tokens_per_s"):
+        parts.append(f"{speed['prompt_tokens_per_s']:,.0f} prompt tokens/s")
+    parts.append(f"wall time {speed['wall_s']:.1f} s")
     click.echo("; ".join(parts))
     click.echo(f"wrote {', '.join(p.name for p in result.files)} to {result.out}")
 
@@ -123,6 +127,9 @@ def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no
         click.echo(f"wrote {', '.join(p.name for p in result.files)} to {out}")
         if result.retention.get("accuracy") is not None:
             click.echo(f"accuracy retention (B / A): {100 * result.retention['accuracy']:.1f}%")
+        if result.agreement and result.agreement["agreement"] is not None:
+            click.echo(f"A and B predict the same label on {100 * result.agreement['agreement']:.1f}% of "
+                       f"{result.agreement['n']} examples (per class: report.md, Agreement)")
         chosen = (result.cascade or {}).get("chosen")
         if chosen and chosen["threshold"] is not None:
             click.echo(f"cascade: keep B when confidence >= {chosen['threshold']!r} -> B keeps "

@@ -54,8 +54,19 @@ def train_command(config_path, overrides, **options) -> None:
     click.echo(f"trained to step {result.step} in {result.out}" + (" (stopped early)" if result.stopped_early else ""))
     if result.evals:
         last = result.evals[-1]
-        click.echo(f"held-out KD loss {last['heldout_kd']:.4f}, top-1 agreement with the teacher "
-                   f"{last['heldout_top1_agreement']:.3f} at step {last['step']}")
+        click.echo(f"held-out at step {last['step']}, all {last['heldout_targets']} targets: KD loss "
+                   f"{last['heldout_kd']:.4f}, forward KL {last['heldout_forward_kl']:.4f}, top-1 agreement with the "
+                   f"teacher {last['heldout_top1_agreement']:.3f}")
+        if last.get("heldout_answer_targets"):
+            click.echo(f"  answer tokens only (no EOS), {last['heldout_answer_targets']} targets: KD loss "
+                       f"{last['heldout_kd_answer']:.4f}, forward KL {last['heldout_forward_kl_answer']:.4f}, "
+                       f"top-1 agreement {last['heldout_top1_agreement_answer']:.3f}")
+    summary = result.summary
+    if summary:
+        click.echo(f"held out: {summary['heldout']}")
+        if summary["steps_this_run"]:
+            click.echo(f"wall time {summary['wall_s']:.1f} s for {summary['steps_this_run']} steps, "
+                       f"{summary['tokens_per_s']:,.0f} tokens/s (run_summary.json)")
 
 
 @click.command("ablate")

@@ -25,7 +25,7 @@ from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.store.location import CacheLocation
 from kdcache.store.lock import ShardClaims
-from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
+from kdcache.store.manifest import Manifest, committed_shards, finalize, read_commit, write_or_check_plan
 from kdcache.store.plan import make_plan, tail_route_stores_no_grid
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
@@ -59,6 +59,13 @@ class BuildResult:
     bad_rows: list[BadRow] = field(default_factory=list)
     finalized: bool = False
     manifest: Manifest | None = None
+    wall_s: float = 0.0  # this invocation, start to end (a resumed build counts its own shards only)
+    tokens_written: int = 0  # tokens of the shards written by this invocation
+    targets_written: int = 0  # target tokens among them (the positions the teacher scored)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_written / self.wall_s if self.wall_s > 0 else None
 
 
 def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: int) -> tuple[list[Prepared], list[BadRow]]:
@@ -276,6 +283,7 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     `backend` and `tokenizer` may be passed in (tests, benchmarks); `stop_after_shards` ends the run early as a
     kill would, for tests of resumption.
     """
+    started = time.perf_counter()
     check_build_config(config)
     warn_literal_newlines(prompt=config.template.prompt, target=config.template.target, system=config.template.system)
     if backend is None:
@@ -324,6 +332,11 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
                             f"then run `kdcache cache finalize {config.output}`"):
             result.manifest = finalize(location)
         result.finalized = True
+    for index in result.shards_written:
+        record = read_commit(location, index)
+        result.tokens_written += record.num_tokens
+        result.targets_written += record.num_targets
+    result.wall_s = time.perf_counter() - started
     return result
 
 
