@@ -57,7 +57,7 @@ class TemplateConfig:
     prompt: str = "{input}"
     target: str = "{target}"
     system: str | None = None  # a system message, used with chat templates
-    chat: ChatMode = "auto"
+    chat: ChatMode = "auto"  # wrap the prompt in the tokenizer's chat template (auto: when it has one)
     distill: Literal["target", "all"] = "target"  # distill answer tokens only, or every token after the first
     add_eos: bool = True  # end the target with the tokenizer's EOS token, so the student learns to stop
     # Conversations (kdcache/data/chat.py): the field holding each row's turns, OpenAI/TRL `messages` (role, content)
@@ -80,7 +80,7 @@ class SparsifierConfig:
     k: int = 64  # top-k entries kept; for `sample`, the number of draws per position
     temperature: float = 1.0  # `sample` only: draws come from softmax(logits / temperature)
     seed: int = 0  # `sample` only
-    logprob_dtype: Literal["float32", "float16"] = "float32"
+    logprob_dtype: Literal["float32", "float16"] = "float32"  # stored log-probabilities (float16 halves them)
     # `topk` only: temperatures besides 1 at which the tail's exact log-partition is stored (4 bytes each per
     # target), so a trainer at any of them is exact (kdcache/tempering.py); [] stores none (T = 1 only).
     tail_temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TAIL_TEMPERATURES))
@@ -98,13 +98,13 @@ class TeacherConfig:
     """The teacher model and how to run it."""
 
     model: str = ""  # a local folder or a hub id (weights must already be available locally or via the hub cache)
-    revision: str | None = None
+    revision: str | None = None  # a hub revision (branch, tag or commit) of the teacher
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Dtype = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
     batch_size: int = 8
     chunk_size: int = 1024  # target positions projected through the LM head at once
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let transformers run the model repository's own code
     vllm: dict = field(default_factory=dict)  # backend=vllm: vllm.LLM(...) settings, passed through (see jobs/)
 
 
@@ -124,18 +124,18 @@ class GenerateConfig:
 class CacheBuildConfig:
     """Everything `kdcache cache build` needs; the parts that shape the cache go into its manifest."""
 
-    output: str = ""
+    output: str = ""  # the cache folder or fsspec URL (s3://...); an existing one is resumed
     data: DataConfig = field(default_factory=DataConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sparsifier: SparsifierConfig = field(default_factory=SparsifierConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     tokenizer: str | None = None  # defaults to the teacher's own
-    max_length: int = 1024
+    max_length: int = 1024  # longest sequence in tokens; prompts are cut from the left to fit
     shard_size: int = 1024  # examples per shard
-    num_workers: int = 1
-    worker_index: int = 0
-    skip_bad_rows: bool = False
+    num_workers: int = 1  # workers writing this cache (one per node), each with its own worker_index
+    worker_index: int = 0  # in [0, num_workers): this worker writes shards i with i % num_workers == worker_index
+    skip_bad_rows: bool = False  # skip rows that cannot be used (counted and named) instead of stopping
     strict: bool = False  # refuse rows without an id or with a repeated id (data.id_field) instead of warning
     progress: bool = True
 
@@ -198,6 +198,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce_union(value, tp, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"yes", "no"} <= set(allowed):  # YAML 1.1 reads yes/no/on/off as booleans
+            value = "yes" if value else "no"
         if value not in allowed:
             raise _bad(where, f"one of {list(allowed)}", value)
         return value
@@ -280,11 +282,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 class LoraConfig:
     """LoRA through peft; `enabled: false` trains every weight (full fine-tuning)."""
 
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(
+    enabled: bool = True  # false: full fine-tuning of every weight
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA branch
+    target_modules: list[str] = field(  # the modules that get adapters (Qwen2/Llama names)
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, an nf4 base via bitsandbytes (t4 profile)
@@ -401,21 +403,26 @@ class TrainConfig:
     profile: Literal["auto", "cpu", "t4", "bf16"] = "auto"  # t4: fp16 autocast + GradScaler; bf16: newer GPUs
     batch_size: int = 8
     max_tokens: int | None = None  # token budget per batch (padded); batch_size is then an upper bound
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes' 8-bit AdamW states
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then cosine decay to 10% of it at max_steps
     max_steps: int | None = None  # optimizer steps; default 100, or what num_epochs gives
     num_epochs: float | None = None  # passes over the train split instead (steps counted from the cache); not both
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # the gradient's global norm is clipped to this
     chunk_size: int = 1024  # target positions projected through the LM head at once
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    # Share of the cache's examples held out of training (a hash of each example's row index: the same rows in every
+    # run over the cache) for the held-out figures every eval_every steps; 0 trains on every example.
     heldout_fraction: float = 0.1
-    eval_every: int = 50
+    # A separate cache (same tokenizer) whose every example is the held-out set, e.g. with heldout_fraction=0 to
+    # train on every example of `cache`; the teacher's figures there are the held-out ones.
+    heldout_cache: str | None = None
+    eval_every: int = 50  # steps between held-out evaluations (0: none)
     patience: int | None = None  # stop after this many evaluations without improvement
-    save_every: int = 50
-    seed: int = 0
+    save_every: int = 50  # steps between checkpoints (a re-run resumes from the last); the last step is saved too
+    seed: int = 0  # LoRA initialisation, data order and dropout
     progress: bool = True
     tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed
     # Resume a run folder whose checkpoint was trained with other settings (kdcache/train/run_config.py): the
@@ -436,7 +443,7 @@ class EvalConfig:
     system: str | None = None
     chat: ChatMode = "auto"
     id_field: str | None = None  # default: the field `id` when every row has it, else the row number
-    data_format: DataFormat = "auto"
+    data_format: DataFormat = "auto"  # auto: from each file's name (a folder is a `datasets` save_to_disk folder)
     negative_label: str | None = None  # e.g. "none": enables the binary relevance metrics
     label_prefix: str = " "  # text between the prompt and a label, as in the training target (" {gs_paper}")
     label_eos: bool = False  # score label + EOS (the label and nothing after it)
@@ -450,7 +457,7 @@ class EvalConfig:
     base: str | None = None  # the base model of an adapter, when not the one its config names
     max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
     n_bins: int = 10
-    bleu_smoothing: str = "exp"
+    bleu_smoothing: str = "exp"  # sacrebleu smoothing for generation metrics (exp, floor, add-k or none)
     warmup: bool = True  # run the first batch once, untimed, before measuring
     plots: bool = True
     progress: bool = True

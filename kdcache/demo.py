@@ -40,7 +40,8 @@ ALPHA = 0.0  # no CE: the pool's only "labels" are the teacher's own answer toke
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Model and training sizes; `smallest` is for the end-to-end test, `default` for a newcomer's first run."""
+    """Model and training sizes; `tiny` is a smoke run (figures meaningless), `smallest` is for the end-to-end test,
+    `default` for a newcomer's first run."""
 
     vocab: int
     teacher_hidden: int
@@ -53,6 +54,9 @@ class DemoSize:
 
 
 SIZES = {
+    # tiny: a smoke run in seconds for the quickstart walk-through test; every file is written, the figures mean
+    # nothing (a few training steps).
+    "tiny": DemoSize(512, 32, 1, 32, 1, 4, 4, 8),
     "smallest": DemoSize(1024, 128, 2, 64, 1, 200, 1000, 10),
     "default": DemoSize(2048, 256, 2, 64, 1, 200, 1000, 20),
 }

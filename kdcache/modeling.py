@@ -8,6 +8,7 @@ see the same LM head (with the logit scale / soft-cap some architectures apply) 
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "final_hidden_states",
     "load_causal_lm",
     "load_tokenizer",
+    "looks_like_local_path",
     "output_logits",
     "resolve_device",
     "resolve_dtype",
@@ -57,10 +59,30 @@ def resolve_dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name can only mean a folder: it exists, starts with `/`, `.` or `~`, ends with `/`, or
+    has more than one `/` (a hub id is `name` or `owner/name`)."""
+    return (os.path.exists(os.path.expanduser(name)) or name.startswith(("/", ".", "~")) or name.endswith("/")
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def check_model_source(name: str, role: str = "model") -> None:
+    """Refuse a model name that can only be a local folder when no such folder exists, before transformers reads
+    it as a hub id (its "Repo id must be in the form ..." message misleads); `role` names it in the message."""
+    if not name:
+        raise BadInputError(f"no {role} given: pass a local model folder or a hub id")
+    if looks_like_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        what = "is a file, not a folder" if os.path.exists(os.path.expanduser(name)) else "folder not found"
+        raise BadInputError(f"{role} {what}: {name} (give a model folder holding config.json and weights, or a "
+                            "hub id whose weights are already downloaded; `kdcache demo` writes storage/demo/teacher "
+                            "and storage/demo/student-untrained)")
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
     """A tokenizer from a local folder or a hub id already downloaded."""
     from transformers import AutoTokenizer
 
+    check_model_source(name, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -76,6 +98,7 @@ def load_causal_lm(name: str, revision: str | None = None, dtype: str = "float32
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
+    check_model_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code

@@ -35,7 +35,9 @@ def cache() -> None:
 @_option("data.format", "--data-format", help="Format of the data files (auto: from the file name).")
 @_option("data.id_field", "--id-field", help="Field holding a stable example id.")
 @_option("data.label_fields", "--label-field", help="Field copied into the records as a label (repeatable).")
-@_option("template.prompt", "--prompt", help="Prompt template, e.g. 'Article: {text}\\nGS paper:'.")
+@_option("template.prompt", "--prompt",
+         help="Prompt template, e.g. $'Article: {text}\\nGS paper:' (bash's $'...' makes \\n a line break; in a "
+              "YAML job spec use double quotes).")
 @_option("template.target", "--target", help="Target template, e.g. ' {gs_paper}'.")
 @_option("template.distill", "--distill", help="Distill the target only, or every token.")
 @_option("sparsifier.kind", "--sparsifier", help="Keep top-k + tail, or sampled tokens.")
@@ -77,6 +79,9 @@ def cache_build(config_path, overrides, **options) -> None:
         f"wrote {len(result.shards_written)} shards, {len(result.shards_skipped)} already done "
         f"(worker {config.worker_index} of {config.num_workers}) to {config.output}"
     )
+    if result.shards_written:
+        click.echo(f"wall time {result.wall_s:.1f} s: {result.tokens_per_s:,.0f} tokens/s, "
+                   f"{result.targets_written / result.wall_s:,.0f} target tokens/s")
     if result.finalized:
         counts = result.manifest.counts
         click.echo(f"cache complete: {counts.num_examples} examples, {counts.num_targets} target tokens")
@@ -176,7 +181,8 @@ def diff_command(a, b, atol, as_json, show) -> None:
 
     \b
     Exit status: 0 when the caches agree (same examples and tokens, same top-1 everywhere, log-probabilities
-    and tails within --atol), 1 when they differ, 2 when one cannot be read.
+    and tails within --atol), 1 when they differ or when nothing could be compared (no example with the same
+    tokens in both: the report says so), 2 when one cannot be read.
     """
     from kdcache.store.diff import diff_caches
 

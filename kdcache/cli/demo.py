@@ -9,8 +9,9 @@ from kdcache.errors import friendly_errors
 
 @click.command("demo")
 @click.option("--out", default="storage/demo", show_default=True, help="Folder for everything the demo writes.")
-@click.option("--size", type=click.Choice(["smallest", "default"]), default="default", show_default=True,
-              help="Model and run sizes (smallest: about a minute, for tests).")
+@click.option("--size", type=click.Choice(["tiny", "smallest", "default"]), default="default", show_default=True,
+              help="Model and run sizes (smallest: about a minute; tiny: seconds, a smoke run whose figures mean "
+                   "nothing).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @friendly_errors
 def demo_command(out, size, no_progress) -> None:

@@ -16,6 +16,10 @@ _option = functools.partial(config_option, EvalConfig)
 
 @click.command("eval")
 @config_file_option
+@click.option("--from-cache", "from_cache", metavar="CACHE",
+              help="Take --prompt, --system, --chat, --label-prefix and (for a one-field target such as ' {gs_paper}') "
+                   "--label-field from the plan of the cache the model was trained on, so train and eval cannot "
+                   "drift; options given here still override them.")
 @_option("model", "--model", needed=True,
          help="A model folder, a LoRA adapter folder (base + adapter are loaded), or a hub id whose weights are "
               "already local.")
@@ -25,7 +29,8 @@ _option = functools.partial(config_option, EvalConfig)
          help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
 @_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
 @_option("prompt", "--prompt", help="Prompt template over the row's fields, e.g. "
-                                    "'Title: {title}\\nArticle: {text}\\nWhich GS paper?'.")
+                                    "$'Title: {title}\\nArticle: {text}\\nWhich GS paper?' (bash's $'...' makes "
+                                    "\\n a line break; or use --from-cache).")
 @_option("out", "--out", needed=True, type=click.Path(file_okay=False),
          help="Folder for metrics.json, predictions.parquet and report.md.")
 @_option("negative_label", "--negative-label", help="The label meaning 'not relevant' (e.g. none): adds relevance "
@@ -53,20 +58,25 @@ _option = functools.partial(config_option, EvalConfig)
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
 @set_option("bleu_smoothing=none")
 @friendly_errors
-def eval_command(config_path, overrides, **options) -> None:
+def eval_command(config_path, from_cache, overrides, **options) -> None:
     """Evaluate one model on a labelled dataset: metrics.json, predictions.parquet, report.md (+ plots).
 
     \b
     Each label's log-likelihood after the prompt is scored and the best one is predicted; the softmax over
-    the labels is the confidence. Example:
-      kdcache eval --model runs/student/final --data examples/upsc/golden.jsonl \\
-        --labels GS1 --labels GS2 --labels GS3 --labels GS4 --labels none --negative-label none \\
-        --label-field gs_paper --prompt 'Title: {title}\\nArticle: {text}\\nWhich GS paper?' --out runs/eval-student
+    the labels is the confidence. Example, with the prompt the student was trained on (from its cache):
+      kdcache eval --from-cache storage/caches/upsc-tiny --model storage/runs/upsc-tiny/final \\
+        --data examples/upsc/golden.jsonl --labels GS1 --labels GS2 --labels GS3 --labels GS4 --labels none \\
+        --negative-label none --out storage/eval/student
+    Without a cache, give the template with real line breaks (bash): --label-field gs_paper
+      --prompt $'Title: {title}\\nArticle: {text}\\nWhich GS paper?'
     """
     from kdcache.config import load_config
+    from kdcache.eval.from_cache import overrides_from_cache
     from kdcache.eval.runner import run_eval
 
-    config = load_config(EvalConfig, config_path, [*options_to_overrides(options), *overrides])
+    from_cache_overrides = overrides_from_cache(from_cache) if from_cache else []
+    config = load_config(EvalConfig, config_path,
+                         [*from_cache_overrides, *options_to_overrides(options), *overrides])
     result = run_eval(config)
     metrics = result.metrics
     parts = [f"{metrics['n']} examples"]
@@ -79,7 +89,11 @@ def eval_command(config_path, overrides, **options) -> None:
         gen = metrics["generation"]
         parts.append(f"EM {gen['exact_match']:.4f}, F1 {gen['token_f1']:.4f}, ROUGE-L {gen['rouge_l']:.4f}, "
                      f"BLEU {gen['bleu']:.4f}")
-    parts.append(f"{1000 * metrics['speed']['latency_mean_s']:.2f} ms/example")
+    speed = metrics["speed"]
+    parts.append(f"{1000 * speed['latency_mean_s']:.2f} ms/example")
+    if speed.get("prompt_tokens_per_s"):
+        parts.append(f"{speed['prompt_tokens_per_s']:,.0f} prompt tokens/s")
+    parts.append(f"wall time {speed['wall_s']:.1f} s")
     click.echo("; ".join(parts))
     click.echo(f"wrote {', '.join(p.name for p in result.files)} to {result.out}")
 
@@ -114,6 +128,9 @@ def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no
         click.echo(f"wrote {', '.join(p.name for p in result.files)} to {out}")
         if result.retention.get("accuracy") is not None:
             click.echo(f"accuracy retention (B / A): {100 * result.retention['accuracy']:.1f}%")
+        if result.agreement and result.agreement["agreement"] is not None:
+            click.echo(f"A and B predict the same label on {100 * result.agreement['agreement']:.1f}% of "
+                       f"{result.agreement['n']} examples (per class: report.md, Agreement)")
         chosen = (result.cascade or {}).get("chosen")
         if chosen and chosen["threshold"] is not None:
             click.echo(f"cascade: keep B when confidence >= {chosen['threshold']!r} -> B keeps "

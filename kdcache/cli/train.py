@@ -57,8 +57,19 @@ def train_command(config_path, overrides, **options) -> None:
     click.echo(f"trained to step {result.step} in {result.out}" + (" (stopped early)" if result.stopped_early else ""))
     if result.evals:
         last = result.evals[-1]
-        click.echo(f"held-out KD loss {last['heldout_kd']:.4f}, top-1 agreement with the teacher "
-                   f"{last['heldout_top1_agreement']:.3f} at step {last['step']}")
+        click.echo(f"held-out at step {last['step']}, all {last['heldout_targets']} targets: KD loss "
+                   f"{last['heldout_kd']:.4f}, forward KL {last['heldout_forward_kl']:.4f}, top-1 agreement with the "
+                   f"teacher {last['heldout_top1_agreement']:.3f}")
+        if last.get("heldout_answer_targets"):
+            click.echo(f"  answer tokens only (no EOS), {last['heldout_answer_targets']} targets: KD loss "
+                       f"{last['heldout_kd_answer']:.4f}, forward KL {last['heldout_forward_kl_answer']:.4f}, "
+                       f"top-1 agreement {last['heldout_top1_agreement_answer']:.3f}")
+    summary = result.summary
+    if summary:
+        click.echo(f"held out: {summary['heldout']}")
+        if summary["steps_this_run"]:
+            click.echo(f"wall time {summary['wall_s']:.1f} s for {summary['steps_this_run']} steps, "
+                       f"{summary['tokens_per_s']:,.0f} tokens/s (run_summary.json)")
 
 
 @click.command("ablate")
@@ -66,7 +77,8 @@ def train_command(config_path, overrides, **options) -> None:
 @click.option("--grid", "grid_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="YAML with `base:` settings and a `grid:` of config keys to lists of values (jobs/ablation-*.yaml).")
 @click.option("--out", required=True, help="Folder for the runs and the table (ablation.csv, ablation.md).")
-@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True)
+@click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True,
+              help="Every grid point, or an Optuna TPE search over the grid's values (pip install 'kdcache[optuna]').")
 @click.option("--trials", type=int, default=10, show_default=True, help="Trials for --search optuna.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every run.")
 @friendly_errors
@@ -76,6 +88,9 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
     \b
     Grid keys may be any config key: loss.kind, loss.temperature, loss.kd_weight (or loss.alpha), loss.top_k
     (k' <= the cache's k), loss.skew, lora.r, lr, ... Re-running skips finished runs and resumes unfinished ones.
+    Runs are ranked by held-out forward KL to the teacher; with an `eval:` section in the grid file (kdcache eval
+    keys on a labelled split, plus `metric: accuracy` or macro_f1, ...; see jobs/ablation-upsc-tiny-cpu.yaml),
+    each final model is evaluated and the runs are ranked by that task metric, the KL beside it.
     """
     from kdcache.train.ablate import run_grid, run_optuna
 

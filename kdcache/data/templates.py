@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import string
 
 from kdcache.config import TemplateConfig
 from kdcache.data.sources import BadRow, Row
+
+log = logging.getLogger(__name__)
+
+
+def warn_literal_newlines(**templates: str | None) -> list[str]:
+    """Log a warning for each template that holds a literal backslash-n (two characters), which a shell passes as is
+    from `--prompt 'a\\nb'` in single quotes: the model then sees `\\n`, not a line break. Returns the keys warned.
+
+    Use a real line break: `$'...\\n...'` in bash, a YAML double-quoted string, or --from-cache on `kdcache eval`.
+    """
+    warned = [key for key, text in templates.items() if text and "\\n" in text]
+    for key in warned:
+        log.warning("warning: the %s template holds a literal backslash-n (\\n), not a line break: %r. In a shell "
+                    "write $'...\\n...' (bash) or put the template in a YAML file in double quotes", key,
+                    templates[key])
+    return warned
 
 
 def template_fields(text: str) -> list[str]:

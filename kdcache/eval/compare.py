@@ -29,6 +29,7 @@ class CompareResult:
     retention: dict
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    agreement: dict | None = None  # prediction_agreement(A, B)
 
     @property
     def passed(self) -> bool:
@@ -71,6 +72,47 @@ def _check_same_examples(a: Run, b: Run, names: tuple[str, str]) -> None:
     if set(la) != set(lb):
         raise BadInputError(f"the runs used different label sets: {la} and {lb}")
 
+
+
+def prediction_agreement(a: dict[str, dict], b: dict[str, dict]) -> dict:
+    """How often B predicts the same label as A, overall and per gold class, with who is right when they differ.
+
+    a, b: example id -> prediction record (`gold`, `predicted`), over the same ids. Returns {"n", "agreement"
+    (share of examples where both predict the same label), "per_class": {gold label: {"n", "agreement",
+    "both_right", "only_a_right", "only_b_right", "both_wrong"}}} (counts, agreement a share; classes sorted).
+    """
+    ids = sorted(a)
+    per_class: dict[str, dict] = {}
+    same_total = 0
+    for i in ids:
+        gold, pa, pb = a[i]["gold"], a[i].get("predicted"), b[i].get("predicted")
+        row = per_class.setdefault(str(gold), {"n": 0, "agreement": 0, "both_right": 0, "only_a_right": 0,
+                                               "only_b_right": 0, "both_wrong": 0})
+        row["n"] += 1
+        row["agreement"] += pa == pb
+        same_total += pa == pb
+        right_a, right_b = pa == gold, pb == gold
+        key = ("both_right" if right_a and right_b else "only_a_right" if right_a else "only_b_right" if right_b
+               else "both_wrong")
+        row[key] += 1
+    for row in per_class.values():
+        row["agreement"] = row["agreement"] / row["n"]
+    return {"n": len(ids), "agreement": same_total / len(ids) if ids else None,
+            "per_class": dict(sorted(per_class.items()))}
+
+
+def agreement_markdown(agreement: dict, names: tuple[str, str]) -> str:
+    """The report's agreement section: the overall share, then one row per gold class."""
+    na, nb = names
+    lines = ["## Agreement", "",
+             f"{na} and {nb} predict the same label on {100 * agreement['agreement']:.1f}% of the "
+             f"{agreement['n']} examples. Per gold class:", "",
+             f"| gold | examples | agreement | both right | only {na} right | only {nb} right | both wrong |",
+             "|---|---|---|---|---|---|---|"]
+    for label, row in agreement["per_class"].items():
+        lines.append(f"| {label} | {row['n']} | {100 * row['agreement']:.1f}% | {row['both_right']} | "
+                     f"{row['only_a_right']} | {row['only_b_right']} | {row['both_wrong']} |")
+    return "\n".join(lines) + "\n"
 
 
 def compare_runs(path_a: str | Path, path_b: str | Path, names: tuple[str, str] | None = None,
@@ -134,7 +176,9 @@ def compare_runs(path_a: str | Path, path_b: str | Path, names: tuple[str, str] 
                 images["cascade"] = P.cascade_plot(cascade, out / "cascade.png", names).name
             files.extend(out / name for name in images.values())
 
+    agreement = prediction_agreement(a.predictions, b.predictions)
     markdown = compare_report(a.metrics, b.metrics, names, retention, cascade, checks, images, notes)
+    markdown = markdown.rstrip("\n") + "\n\n" + agreement_markdown(agreement, names)
     if out is not None:
         (out / "report.md").write_text(markdown)
         summary = {
@@ -142,6 +186,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path, names: tuple[str, str] 
             "retention": retention,
             "rows": comparison_rows(a.metrics, b.metrics),
             "cascade": cascade,
+            "agreement": agreement,
             "criteria": None if checks is None else [
                 {"metric": c.criterion.metric, "run": c.criterion.run, "name": c.criterion.name,
                  "check": c.description, "value": c.value, "bound": c.bound, "passed": c.passed} for c in checks],
@@ -150,4 +195,4 @@ def compare_runs(path_a: str | Path, path_b: str | Path, names: tuple[str, str] 
         }
         (out / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
         files[:0] = [out / "report.md", out / "comparison.json"]
-    return CompareResult(markdown, checks, cascade, retention, files, notes)
+    return CompareResult(markdown, checks, cascade, retention, files, notes, agreement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 
 from kdcache.config import DataConfig, EvalConfig
 from kdcache.data.sources import BadRow, Row, read_rows
+from kdcache.data.templates import warn_literal_newlines
 from kdcache.errors import BadInputError
 from kdcache.eval import metrics as M
 from kdcache.eval.scoring import (
@@ -114,12 +116,19 @@ def _progress(total: int, enabled: bool):
 
 def run_eval(config: EvalConfig) -> EvalResult:
     """Evaluate one model and write metrics.json, predictions.parquet, report.md (and plots) to `config.out`."""
+    started = time.perf_counter()
     _check_config(config)
+    warn_literal_newlines(prompt=config.prompt, system=config.system, label_prefix=config.label_prefix)
     examples = load_examples(config)
     loaded = load_model(config.model, config.device, config.dtype, config.tokenizer, config.base)
     prompting = _prompting(config, loaded.tokenizer)
     records, batch_times, peak = _predict(config, loaded, prompting, examples)
     result = _summarize(config, loaded, prompting, records, batch_times, peak)
+    # The whole run (loading included) beside the timed batches' figures: what the eval cost end to end.
+    speed = result["speed"]
+    speed["wall_s"] = time.perf_counter() - started
+    speed["prompt_tokens"] = sum(r["prompt_tokens"] for r in records)
+    speed["prompt_tokens_per_s"] = speed["prompt_tokens"] / speed["total_s"] if speed["total_s"] else None
     return write_run(config, result, records)
 
 

@@ -61,10 +61,18 @@ class DiffReport:
     def top1_agreement(self) -> float | None:
         return None if not self.targets_compared else 1 - self.top1_disagreements / self.targets_compared
 
+    @property
+    def nothing_compared(self) -> bool:
+        """No target row was compared (no example in both caches with the same tokens, or none with targets): the
+        zeros of the other figures then say nothing about agreement."""
+        return self.comparable and self.targets_compared == 0
+
     def agrees(self, atol: float = 1e-3) -> bool:
-        """Same examples and tokens, same top-1 everywhere, log-probabilities (and tails) within `atol`."""
+        """Same examples and tokens, same top-1 everywhere, log-probabilities (and tails) within `atol`, and at
+        least one target row compared."""
         return (
             self.comparable
+            and not self.nothing_compared
             and self.num_only_in_a == 0
             and self.num_only_in_b == 0
             and self.token_mismatches == 0
@@ -74,7 +82,14 @@ class DiffReport:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "top1_agreement": self.top1_agreement}
+        return {**asdict(self), "top1_agreement": self.top1_agreement, "nothing_compared": self.nothing_compared}
+
+    def _why_nothing_compared(self) -> str:
+        if not self.examples_compared:
+            return "no example is in both caches (they are matched by source row index)"
+        if self.token_mismatches == self.examples_compared:
+            return "every example in both caches has other tokens or another target mask in each"
+        return "the examples in both caches have no target rows"
 
     def summary(self, atol: float = 1e-3) -> str:
         def fmt(value, spec=".3e"):
@@ -93,6 +108,12 @@ class DiffReport:
             + (f", only in B {self.num_only_in_b} (e.g. {self.only_in_b[:5]})" if self.num_only_in_b else ""),
             f"token mismatch  {self.token_mismatches} examples"
             + (f" (e.g. example {self.first_token_mismatches[:5]})" if self.token_mismatches else ""),
+        ]
+        if self.nothing_compared:
+            lines += [f"targets         0 compared: {self._why_nothing_compared()}",
+                      "verdict         NOTHING COMPARED: no top-1, top-k or log-probability figure could be measured"]
+            return "\n".join(lines)
+        lines += [
             f"targets         {self.targets_compared} compared ({self.kind}, first {self.k} entries)",
             f"top-1 agreement {fmt(self.top1_agreement, '.6f')} ({self.top1_disagreements} rows differ)",
             f"top-k overlap   {fmt(self.mean_topk_overlap, '.4f')} (mean |A ∩ B| / k)",

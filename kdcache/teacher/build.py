@@ -21,13 +21,13 @@ from kdcache.config import CacheBuildConfig
 from kdcache.data.chat import check_chat_tokenizer, encode_conversation, prompt_of_conversation, resolve_conversations
 from kdcache.data.encode import Encoded, encode, encode_prompt, fit_prompt
 from kdcache.data.sources import BadRow, Row, read_rows
-from kdcache.data.templates import render, render_prompt
+from kdcache.data.templates import render, render_prompt, warn_literal_newlines
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_tokenizer
+from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.store.location import CacheLocation
 from kdcache.store.lock import ShardClaims
-from kdcache.store.manifest import Manifest, committed_shards, finalize, write_or_check_plan
+from kdcache.store.manifest import Manifest, committed_shards, finalize, read_commit, write_or_check_plan
 from kdcache.store.plan import make_plan, tail_route_stores_no_grid
 from kdcache.store.shard import ShardData
 from kdcache.store.writer import commit_shard
@@ -61,6 +61,13 @@ class BuildResult:
     bad_rows: list[BadRow] = field(default_factory=list)
     finalized: bool = False
     manifest: Manifest | None = None
+    wall_s: float = 0.0  # this invocation, start to end (a resumed build counts its own shards only)
+    tokens_written: int = 0  # tokens of the shards written by this invocation
+    targets_written: int = 0  # target tokens among them (the positions the teacher scored)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_written / self.wall_s if self.wall_s > 0 else None
 
 
 def prepare_rows(config: CacheBuildConfig, tokenizer, rows: list[Row], start: int) -> tuple[list[Prepared], list[BadRow]]:
@@ -292,7 +299,11 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     `backend` and `tokenizer` may be passed in (tests, benchmarks); `stop_after_shards` ends the run early as a
     kill would, for tests of resumption.
     """
+    started = time.perf_counter()
     check_build_config(config)
+    warn_literal_newlines(prompt=config.template.prompt, target=config.template.target, system=config.template.system)
+    if backend is None:
+        check_model_source(config.teacher.model, "teacher")
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.teacher.model, config.teacher.revision,
                                             config.teacher.trust_remote_code)
     rows, unparsed = read_rows(config.data)
@@ -340,6 +351,11 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
                             f"then run `kdcache cache finalize {config.output}`"):
             result.manifest = finalize(location)
         result.finalized = True
+    for index in result.shards_written:
+        record = read_commit(location, index)
+        result.tokens_written += record.num_tokens
+        result.targets_written += record.num_targets
+    result.wall_s = time.perf_counter() - started
     return result
 
 

@@ -3,6 +3,11 @@
 A grid file holds the settings shared by every run under `base` and the values to vary under `grid`, by config
 key (see jobs/ablation-*.yaml). Each run gets its own folder; re-running the command skips finished runs and
 resumes unfinished ones, since each run is an ordinary resumable `train`.
+
+With an `eval:` section (EvalConfig keys, plus `metric`), each run's final model is also evaluated by `kdcache
+eval` on that labelled split, with the prompt settings of the cache (as `eval --from-cache`), and the runs are
+ranked by that task metric (higher is better; held-out KL breaks ties and is reported beside it). Without it they
+are ranked by held-out forward KL to the teacher (lower is better).
 """
 
 from __future__ import annotations
@@ -26,6 +31,22 @@ COLUMNS = ["heldout_forward_kl", "heldout_kd", "heldout_top1_agreement", "final_
 class GridSpec:
     base: dict
     grid: dict[str, list]
+    eval: dict | None = None  # EvalConfig keys for the task metric, without `metric`
+    metric: str | None = None  # a metrics.json key (dotted for nested ones: relevance.f1), higher is better
+
+
+def _read_eval_section(section, path: str) -> tuple[dict | None, str | None]:
+    if section is None:
+        return None, None
+    if not isinstance(section, dict) or not section.get("data"):
+        raise BadInputError(f"`eval:` in {path} must be a mapping with at least `data` (a labelled split) and "
+                            "`labels`, e.g. eval: {data: [dev.jsonl], labels: [GS1, GS2], metric: accuracy}")
+    section = dict(section)
+    metric = section.pop("metric", "accuracy")
+    if not isinstance(metric, str) or not metric:
+        raise BadInputError(f"`eval.metric` in {path} must be a metrics.json key such as accuracy or macro_f1, "
+                            f"got {metric!r}")
+    return section, metric
 
 
 def read_grid(path: str) -> GridSpec:
@@ -39,7 +60,8 @@ def read_grid(path: str) -> GridSpec:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise BadInputError(f"grid key '{key}' in {path} must map to a non-empty list of values")
-    return GridSpec(base=data.get("base") or {}, grid=grid)
+    section, metric = _read_eval_section(data.get("eval"), path)
+    return GridSpec(base=data.get("base") or {}, grid=grid, eval=section, metric=metric)
 
 
 def _slug(assignment: dict) -> str:
@@ -69,10 +91,65 @@ def final_metrics(result_out: str, result) -> dict:
             "final_train_loss": losses[-1] if losses else None, "steps": result.step}
 
 
-def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
-    """ablation.csv and ablation.md, best held-out forward KL first."""
-    rows = sorted(rows, key=lambda r: (r["heldout_forward_kl"] is None, r["heldout_forward_kl"] or 0.0))
-    header = ["run", *keys, *COLUMNS]
+def metric_column(metric: str) -> str:
+    """The table column of a task metric: `eval_accuracy`, `eval_relevance.f1`."""
+    return f"eval_{metric}"
+
+
+def eval_config(spec: GridSpec, cache: str, run_out: str):
+    """The EvalConfig of one run's final model: the cache's prompt settings, then the grid file's `eval:` keys."""
+    from kdcache.config import EvalConfig
+    from kdcache.eval.from_cache import eval_settings_from_cache
+
+    data = {**eval_settings_from_cache(cache), **json.loads(json.dumps(spec.eval)),
+            "model": str(Path(run_out) / "final"), "out": str(Path(run_out) / "eval")}
+    data.setdefault("progress", False)
+    data.setdefault("plots", False)
+    return from_dict(EvalConfig, data, "eval")
+
+
+def task_metric(spec: GridSpec, cache: str, run_out: str) -> float:
+    """Evaluate a finished run's final model on the grid's labelled split (once: a re-run reads its metrics.json)
+    and return `spec.metric`."""
+    from kdcache.eval.runner import run_eval
+
+    config = eval_config(spec, cache, run_out)
+    saved = Path(config.out) / "metrics.json"
+    final_written = max((f.stat().st_mtime for f in Path(config.model).iterdir()), default=float("inf"))
+    if saved.exists() and saved.stat().st_mtime >= final_written:  # this final model was evaluated already
+        metrics = json.loads(saved.read_text())
+    else:
+        metrics = run_eval(config).metrics
+    value: object = metrics
+    for part in spec.metric.split("."):
+        if not isinstance(value, dict) or part not in value:
+            known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            raise BadInputError(f"eval.metric {spec.metric!r} is not in the eval's metrics.json; numeric keys: "
+                                f"{known} (nested ones with dots, e.g. relevance.f1)")
+        value = value[part]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadInputError(f"eval.metric {spec.metric!r} is not a number in metrics.json, got {value!r}")
+    return float(value)
+
+
+def _rank_key(metric: str | None):
+    """Best first: the task metric descending when there is one, then held-out forward KL ascending; runs missing
+    a figure go last."""
+    def key(row: dict):
+        kl = row.get("heldout_forward_kl")
+        kl_key = (kl is None, kl if kl is not None else 0.0)
+        if metric is None:
+            return kl_key
+        value = row.get(metric_column(metric))
+        return (value is None, -(value if value is not None else 0.0), *kl_key)
+    return key
+
+
+def write_table(rows: list[dict], keys: list[str], out: Path, metric: str | None = None) -> None:
+    """ablation.csv and ablation.md, best first: by the task metric (higher first) when the grid has `eval:`,
+    else by held-out forward KL (lower first); both are columns either way."""
+    rows = sorted(rows, key=_rank_key(metric))
+    header = ["run", *keys, *([metric_column(metric)] if metric else []), *COLUMNS]
     with open(out / "ablation.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
@@ -81,9 +158,19 @@ def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ranked_by = (f"ranked by {metric} on the labelled split (higher first), then held-out forward KL"
+                 if metric else "ranked by held-out forward KL to the teacher (lower first)")
+    lines = [f"Runs {ranked_by}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row.get(h)) for h in header) + " |" for row in rows]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def run_row(spec: GridSpec, cache: str, name: str, assignment: dict, config: TrainConfig, result) -> dict:
+    """One table row: the run's settings, its held-out figures and, with `eval:`, its task metric."""
+    row = {"run": name, **assignment, **final_metrics(config.out, result)}
+    if spec.eval is not None:
+        row[metric_column(spec.metric)] = task_metric(spec, cache, config.out)
+    return row
 
 
 def run_grid(cache: str, grid_path: str, out: str, overrides: tuple[str, ...] = ()) -> list[dict]:
@@ -100,17 +187,19 @@ def run_grid(cache: str, grid_path: str, out: str, overrides: tuple[str, ...] = 
         config = run_config(spec.base, cache, root, name, assignment, overrides)
         print(f"[{number + 1}/{len(combos)}] {name}: {_slug(assignment)}", flush=True)
         result = train(config)
-        rows.append({"run": name, **assignment, **final_metrics(config.out, result)})
-        write_table(rows, keys, root)  # the table grows as runs finish, so a killed grid keeps its results
+        rows.append(run_row(spec, cache, name, assignment, config, result))
+        write_table(rows, keys, root, spec.metric)  # the table grows as runs finish: a killed grid keeps its results
     return rows
 
 
-def run_optuna(cache: str, grid_path: str, out: str, trials: int, overrides: tuple[str, ...] = ()) -> list[dict]:
-    """A TPE search over the grid's values (as categorical choices), minimising held-out forward KL."""
+def run_optuna(cache: str, grid_path: str, out: str, trials: int, overrides: tuple[str, ...] = (),
+               seed: int = 0) -> list[dict]:
+    """A TPE search (seeded) over the grid's values as categorical choices: maximising the task metric when the grid
+    has `eval:`, else minimising held-out forward KL."""
     try:
         import optuna
     except ImportError:
-        raise BadInputError("--search optuna needs optuna: pip install optuna") from None
+        raise BadInputError("--search optuna needs optuna: pip install 'kdcache[optuna]'") from None
     spec = read_grid(grid_path)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -122,13 +211,18 @@ def run_optuna(cache: str, grid_path: str, out: str, trials: int, overrides: tup
         name = f"trial-{trial.number:03d}"
         config = run_config(spec.base, cache, root, name, assignment, overrides)
         result = train(config)
-        row = {"run": name, **assignment, **final_metrics(config.out, result)}
+        row = run_row(spec, cache, name, assignment, config, result)
         rows.append(row)
-        write_table(rows, keys, root)
+        write_table(rows, keys, root, spec.metric)
+        if spec.metric is not None:
+            return row[metric_column(spec.metric)]
         if row["heldout_forward_kl"] is None:
-            raise BadInputError("runs must evaluate at least once (set eval_every <= max_steps) for a search")
+            raise BadInputError("runs must evaluate at least once (set eval_every <= max_steps) for a search, or "
+                                "add an `eval:` section to rank by a task metric")
         return row["heldout_forward_kl"]
 
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if spec.metric else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(objective, n_trials=trials)
     return rows

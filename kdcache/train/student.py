@@ -9,6 +9,7 @@ import torch
 
 from kdcache.config import LoraConfig
 from kdcache.errors import BadInputError, IncompatibleCacheError
+from kdcache.modeling import check_model_source
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: 
                                 "lora.enabled=true, or lora.quantize=none for full fine-tuning")
         require_bitsandbytes("4bit", precision.device)
         extra = {"quantization_config": _nf4_config(precision), "device_map": {"": str(precision.device)}}
+    check_model_source(name, "student")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weight_dtype, attn_implementation="sdpa",
                                                      **extra)

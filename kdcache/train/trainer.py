@@ -26,7 +26,7 @@ import torch
 
 from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.modeling import check_model_source, load_tokenizer, output_logits, row_chunks, target_hidden_states
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
@@ -38,6 +38,7 @@ from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
 METRICS = "metrics.jsonl"
+RUN_SUMMARY = "run_summary.json"
 TENSORBOARD = "tensorboard"
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     is_main: bool = True  # False on DDP ranks other than 0 (which print and write nothing)
+    summary: dict = field(default_factory=dict)  # run_summary.json: held-out setting, wall time, tokens/s
 
 
 def lr_lambda(config: TrainConfig):
@@ -64,18 +66,21 @@ def lr_lambda(config: TrainConfig):
 
 @torch.no_grad()
 def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
-             dist: Distributed | None = None) -> dict:
+             dist: Distributed | None = None, eos_id: int | None = None) -> dict:
     """Held-out distillation loss (the run's own, alpha = 0), forward KL at T = 1 on the (k+1) buckets (comparable
     across runs with different losses), and agreement of the student's top-1 with the teacher's top-1.
+
+    With ``eos_id``, the same three figures also on the answer tokens alone (`*_answer`: target positions whose
+    token is not EOS). The EOS after a short answer is a near-certain target that both models get right, so it
+    inflates the all-targets figures; the answer-token ones are what a label's quality depends on.
 
     Under DDP each rank scores its own share of the held-out shards and the sums are added over ranks, so every
     rank gets the same figures over the whole held-out split (and takes the same early-stopping decision)."""
     model.eval()
-    kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
     kd_only = losses.with_ce_weight(0.0)
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
-    fkl_sum = 0.0
+    sums = torch.zeros(2, 4, dtype=torch.float64)  # [all targets, answer tokens] x [kd, forward KL, agree, count]
     for batch in dataset:
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
@@ -84,17 +89,30 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = batch.targets[part]
-            kd_sum += float(kd_loss(kd_only, logits, targets, reduction="none").sum())
-            fkl_sum += float(kd_loss(common, logits, targets, reduction="none").sum())
-            agree += float((logits.argmax(-1) == targets.ids[:, 0].long()).sum())
-            count += logits.shape[0]
+            rows = torch.stack([kd_loss(kd_only, logits, targets, reduction="none").double(),
+                                kd_loss(common, logits, targets, reduction="none").double(),
+                                (logits.argmax(-1) == targets.ids[:, 0].long()).double(),
+                                torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)]).cpu()
+            answer = (batch.labels[part] != eos_id).cpu() if eos_id is not None else torch.ones(rows.shape[1], dtype=bool)
+            sums[0] += rows.sum(1)
+            sums[1] += rows[:, answer].sum(1)
     model.train()
+    flat = sums.flatten().tolist()
     if dist is not None:
-        kd_sum, fkl_sum, agree, count = dist.all_sum([kd_sum, fkl_sum, agree, count], precision.device)
+        flat = dist.all_sum(flat, precision.device)
+    (kd_sum, fkl_sum, agree, count), answer_sums = flat[:4], flat[4:]
     if count == 0:
-        raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
-    return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
-            "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
+        raise BadInputError("the held-out split is empty: raise heldout_fraction, set heldout_cache, or use a larger "
+                            "cache")
+    figures = {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
+               "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
+    if eos_id is not None:
+        a_kd, a_fkl, a_agree, a_count = answer_sums
+        figures.update({"heldout_kd_answer": a_kd / a_count if a_count else None,
+                        "heldout_forward_kl_answer": a_fkl / a_count if a_count else None,
+                        "heldout_top1_agreement_answer": a_agree / a_count if a_count else None,
+                        "heldout_answer_targets": int(a_count)})
+    return figures
 
 
 def _seed_rank(seed: int, dist: Distributed) -> None:
@@ -237,6 +255,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResu
 
 def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
+    check_model_source(config.student, "student")  # "folder not found" before a run folder is made
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
@@ -249,7 +268,10 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
-    heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
+    if config.heldout_cache:  # every example of another cache; `cache` keeps its heldout_fraction split
+        heldout = CacheDataset(config.heldout_cache, split="all", shuffle=False, **common)
+    else:
+        heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
@@ -274,10 +296,12 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
                disable=not (config.progress and dist.is_main))
     model.train()
     batches, first_step, stopped_early = _Batches(train_data), state.step, False
+    started, tokens = time.perf_counter(), 0
     while state.step < config.max_steps and not stopped_early:
         if stop_after_steps is not None and state.step - first_step >= stop_after_steps:
             break
         record = _optimizer_step(run, batches, state.step + 1)
+        tokens += record.pop("tokens")
         state.step += 1
         run_log.write(record)
         _show_progress(bar, record)
@@ -290,9 +314,32 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     run_log.close()
     if (state.step >= config.max_steps or stopped_early) and dist.is_main:
         save_student(model, tokenizer, out / "final")
+    summary = run_summary(config, state, first_step, time.perf_counter() - started, tokens)
+    if dist.is_main:
+        (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
     return TrainResult(out=str(out), step=state.step, evals=state.evals, stopped_early=stopped_early,
-                       is_main=dist.is_main)
+                       is_main=dist.is_main, summary=summary)
+
+
+def run_summary(config: TrainConfig, state: TrainState, first_step: int, wall_s: float, tokens: int) -> dict:
+    """run_summary.json: what the held-out figures were measured on (and so what training did not see), and this
+    invocation's wall time and throughput (a resumed run counts the steps since its resume)."""
+    if config.heldout_cache:
+        heldout = (f"every example of {config.heldout_cache}; training used "
+                   + ("every example of the cache" if config.heldout_fraction == 0 else
+                      f"{1 - config.heldout_fraction:.0%} of the cache ({config.heldout_fraction:.0%} held out, "
+                      "unused)"))
+    elif config.heldout_fraction > 0:
+        heldout = (f"{config.heldout_fraction:.0%} of the cache's examples (heldout_fraction), which training did "
+                   f"not see: it trained on the other {1 - config.heldout_fraction:.0%}")
+    else:
+        heldout = "none (heldout_fraction=0): training used every example of the cache"
+    last = state.evals[-1] if state.evals else {}
+    return {"step": state.step, "steps_this_run": state.step - first_step, "heldout": heldout,
+            "heldout_fraction": config.heldout_fraction, "heldout_cache": config.heldout_cache,
+            "heldout_targets": last.get("heldout_targets"), "heldout_answer_targets": last.get("heldout_answer_targets"),
+            "wall_s": wall_s, "tokens_this_run": tokens, "tokens_per_s": tokens / wall_s if wall_s > 0 else None}
 
 
 def _optimizer_step(run: _Run, batches: _Batches, step: int) -> dict:
@@ -340,7 +387,8 @@ def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> b
     """Held-out figures at ``state.step``, logged and kept in ``state``; a new best is saved to best/. True when
     ``patience`` evaluations have passed without a new best (stop early)."""
     metrics = {"step": state.step, **evaluate(run.model, run.heldout, run.config.loss, run.precision,
-                                              run.config.chunk_size, run.dist)}
+                                              run.config.chunk_size, run.dist,
+                                              getattr(run.tokenizer, "eos_token_id", None))}
     run_log.write(metrics)
     state.evals.append(metrics)
     if state.best is None or metrics["heldout_kd"] < state.best:
@@ -361,6 +409,7 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     seconds = time.perf_counter() - started
     record = {"step": step, "loss": sums[0] / n, **{k: v / n for k, v in zip(keys, sums[1:-2])}}
     record.update(tokens_per_s=sums[-2] / seconds, loader_wait_s=sums[-1] / n)
+    record["tokens"] = int(sums[-2])  # the whole job's (the loop sums it for run_summary.json, not logged)
     return record
 
 
