@@ -1,13 +1,16 @@
 """Distillation step vs plain cross-entropy (SFT) step: time ratio and peak memory, side by side in one run.
 
-Both steps use the same student, the same batches and the same optimizer. SFT is the usual transformers step
-(`model(input_ids, labels=...)`, full [batch, sequence, vocab] logits); the distillation step is kdcache's
-`chunked_distillation_loss` (alpha * CE + (1 - alpha) * forward KL on the (k+1) buckets) with logits only at target
-positions, chunk by chunk. Targets: every position after the first (`--targets all`, the worst case for
+Three steps, same student, batches and optimizer, timed in rotating order (A B C, B C A, C A B, ...), medians:
+SFT as transformers does it (`model(input_ids, labels=...)`, full [batch, sequence, vocab] logits); SFT with a
+chunked CE (kdcache's chunked path at alpha = 1: logits only at the label positions, chunk by chunk, recomputed in
+backward, what a Liger-style loss gives); and the distillation step, kdcache's `chunked_distillation_loss` (alpha *
+CE + (1 - alpha) * forward KL at T = 2 on the (k+1) buckets, the CE fused into the bucket pass). Peak memory: CUDA
+max_memory_allocated, or on CPU the peak RSS (VmHWM) of a fresh process that runs that arm only. Targets: every position after the first (`--targets all`, the worst case for
 distillation) or only the last `--answer-tokens` positions (answer-only distillation).
 
     python benchmarks/train_step.py --preset qwen2.5-1.5b --profile t4 --seq-len 1024 --batch-size 4   # GPU
     python benchmarks/train_step.py --preset tiny --seq-len 256 --batch-size 4                          # CPU
+    python benchmarks/train_step.py --preset qwen1.5b-proxy --seq-len 256 --batch-size 4 --threads 1    # CPU proxy
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -30,6 +34,14 @@ PRESETS = {
     # Qwen2.5-1.5B-Instruct's shape (config.json of the released model).
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    # CPU proxies with Qwen's proportions (benchmarks/RESULTS.md, issue 14): hidden 256 and 28 layers, MLP 6x
+    # hidden and 128-wide heads as in Qwen2.5-1.5B (intermediate 8960 = 5.8 x 1536, head_dim 128),
+    # the vocabulary sized so that the LM head holds the real model's share of the parameters: 15.1 % for
+    # Qwen2.5-1.5B (tied, 151,936 x 1536 of 1.54B), 1.7 % for Qwen2.5-72B (untied, 152,064 x 8192 of 72.7B).
+    "qwen1.5b-proxy": dict(vocab_size=26880, hidden_size=256, intermediate_size=1536, num_hidden_layers=28,
+                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen72b-proxy": dict(vocab_size=2560, hidden_size=256, intermediate_size=1536, num_hidden_layers=28,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False),
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
     "tiny": dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -86,6 +98,15 @@ def sft_loss(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels_full"]).loss
 
 
+def chunked_sft_loss(model, batch, chunk_size: int):
+    """Plain CE on the labels, LM-head logits one chunk at a time (kdcache's chunked path at alpha = 1): the best
+    SFT step a user gets from a Liger-style chunked loss."""
+    loss, _ = chunked_distillation_loss(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
+                                        None, batch["labels"], LossConfig(alpha=1.0), chunk_size=chunk_size,
+                                        vocab_size=batch["vocab"])
+    return loss
+
+
 def kd_loss(model, batch, chunk_size: int):
     loss, _ = chunked_distillation_loss(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
                                         batch["targets"], batch["labels"], LossConfig(kind="forward_kl", alpha=0.5,
@@ -109,7 +130,19 @@ def timed_step(model, optimizer, scaler, precision, compute_loss) -> float:
     return time.perf_counter() - start
 
 
+def _rss_peak_gib() -> float | None:
+    """This process's resident-set high-water mark (VmHWM), GiB; None where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def peak_of(precision, fn) -> float | None:
+    """CUDA peak of one call of fn (max_memory_allocated, GiB); None on CPU (see _cpu_peaks)."""
     if precision.device.type != "cuda":
         fn()
         return None
@@ -120,7 +153,22 @@ def peak_of(precision, fn) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def main() -> None:
+def _cpu_peaks(argv: list[str], names: list[str]) -> dict[str, float | None]:
+    """Peak RSS (VmHWM, GiB) of a fresh process that builds the student and runs two steps of one arm only, per
+    arm: model + optimizer state + that step's transient peak. A process's RSS never shrinks reliably (the C
+    allocator keeps freed pages), so one process per arm is the only fair RSS comparison."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for name in names:
+        out = subprocess.run([sys.executable, __file__, *argv, "--peak-only", name], capture_output=True, text=True,
+                             check=True).stdout
+        peaks[name] = float(out.strip().splitlines()[-1])
+    return peaks
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--profile", choices=["cpu", "t4", "bf16"], default="cpu")
@@ -135,8 +183,13 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="cap this process's CUDA memory (e.g. 15 for a T4) with set_per_process_memory_fraction")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    parser.add_argument("--skip-peak", action="store_true", help="on CPU, skip the per-arm peak RSS processes")
+    parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lora = LoraConfig(enabled=args.lora_r > 0, r=max(1, args.lora_r), alpha=2 * max(1, args.lora_r))
     precision = resolve_precision(args.profile, full_finetune=not lora.enabled)
@@ -152,36 +205,55 @@ def main() -> None:
                           precision.device, seed) for seed in range(2)]
     for b in batches:
         b["vocab"] = vocab
-    steps = {"sft": lambda b: sft_loss(model, b), "kd": lambda b: kd_loss(model, b, args.chunk_size)}
-    peaks = {}
-    for name, fn in steps.items():  # warm-up, and peak memory of one step each
-        peaks[name] = peak_of(precision, lambda fn=fn: timed_step(model, optimizer, scaler, precision,
-                                                                  lambda: fn(batches[0])))
-    times = {"sft": [], "kd": []}
-    for repeat in range(args.repeats):  # alternate, so drifts hit both alike
-        for name in (("sft", "kd") if repeat % 2 == 0 else ("kd", "sft")):
+    steps = {"sft": lambda b: sft_loss(model, b), "sft_chunked": lambda b: chunked_sft_loss(model, b, args.chunk_size),
+             "kd": lambda b: kd_loss(model, b, args.chunk_size)}
+    names = list(steps)
+    if args.peak_only:  # a child of _cpu_peaks: two steps of one arm, then the process's peak RSS
+        for _ in range(2):
+            timed_step(model, optimizer, scaler, precision, lambda: steps[args.peak_only](batches[0]))
+        print(_rss_peak_gib())
+        return
+    for name in names:  # warm-up (allocates the optimizer state), then peak memory of one step each
+        timed_step(model, optimizer, scaler, precision, lambda fn=steps[name]: fn(batches[0]))
+    peaks = {name: peak_of(precision, lambda fn=steps[name]: timed_step(model, optimizer, scaler, precision,
+                                                                        lambda: fn(batches[0])))
+             for name in names}
+    if precision.device.type == "cpu" and _rss_peak_gib() is not None and not args.skip_peak:
+        peaks = _cpu_peaks(sys.argv[1:] if argv is None else argv, names)
+    times = {name: [] for name in names}
+    for repeat in range(args.repeats):  # alternate, rotating the order, so drifts hit every arm alike
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for name in order:
             times[name].append(timed_step(model, optimizer, scaler, precision,
                                           lambda name=name, repeat=repeat: steps[name](batches[repeat % 2])))
-    sft, kd = statistics.median(times["sft"]), statistics.median(times["kd"])
+    med = {name: statistics.median(times[name]) for name in names}
     tokens = args.batch_size * args.seq_len
     device = torch.cuda.get_device_name(0) if precision.device.type == "cuda" else platform.processor() or "cpu"
+    head = model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     figures = {
         "preset": args.preset, "profile": args.profile, "device": device, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "params": total, "lm_head_share": head / total,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "targets": args.targets, "k": args.k,
-        "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
-        "sft_step_s": sft, "kd_step_s": kd, "kd_over_sft": kd / sft,
-        "sft_tokens_per_s": tokens / sft, "kd_tokens_per_s": tokens / kd,
-        "sft_peak_gib": peaks["sft"], "kd_peak_gib": peaks["kd"],
+        "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
+        "peak_kind": "cuda max_memory_allocated" if precision.device.type == "cuda" else "peak RSS (VmHWM) of a process running that arm only",
+        **{f"{name}_step_s": med[name] for name in names},
+        **{f"{name}_tokens_per_s": tokens / med[name] for name in names},
+        **{f"{name}_peak_gib": peaks[name] for name in names},
+        **{f"{name}_times_s": times[name] for name in names},
+        "kd_over_sft": med["kd"] / med["sft"], "kd_over_sft_chunked": med["kd"] / med["sft_chunked"],
     }
-    print(f"device {device}, torch {torch.__version__}, preset {args.preset}, profile {args.profile}")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} "
+          f"({total / 1e6:.1f}M params, LM head {100 * head / total:.1f} %), profile {args.profile}")
     print(f"batch {args.batch_size} x {args.seq_len} tokens, targets={args.targets}, k={args.k}, "
-          f"lora_r={args.lora_r}, repeats={args.repeats}")
-    print(f"{'':8}{'step (s)':>12}{'tokens/s':>12}{'peak GiB':>12}")
-    for name, label in (("sft", "SFT"), ("kd", "KD")):
+          f"lora_r={args.lora_r}, repeats={args.repeats}; peak = {figures['peak_kind']}")
+    print(f"{'':14}{'step (s)':>12}{'tokens/s':>12}{'peak GiB':>12}")
+    for name, label in (("sft", "SFT (HF)"), ("sft_chunked", "SFT chunked"), ("kd", "KD")):
         peak = figures[f"{name}_peak_gib"]
-        print(f"{label:8}{figures[f'{name}_step_s']:12.4f}{figures[f'{name}_tokens_per_s']:12.0f}"
-              f"{(f'{peak:.2f}' if peak is not None else 'n/a'):>12}")
-    print(f"KD / SFT step time: {figures['kd_over_sft']:.3f}")
+        print(f"{label:14}{med[name]:12.4f}{tokens / med[name]:12.0f}"
+              f"{(f'{peak:.3f}' if peak is not None else 'n/a'):>12}")
+    print(f"KD / SFT (transformers labels=) step time: {figures['kd_over_sft']:.3f}")
+    print(f"KD / SFT (chunked CE) step time: {figures['kd_over_sft_chunked']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)

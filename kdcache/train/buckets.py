@@ -28,6 +28,8 @@ from kdcache.targets import SparseTargets
 from kdcache.tempering import tail_at_temperature
 
 __all__ = [
+    "BUCKET_KINDS",
+    "bucket_divergence",
     "bucket_logprobs",
     "renormalised_topk_logprobs",
     "teacher_bucket_logprobs",
@@ -213,6 +215,31 @@ class _StudentBuckets(torch.autograd.Function):
         del tail_term
         out.scatter_add_(1, ids_safe, g_top)
         return out.div_(T).to(logits.dtype), None, None, None
+
+
+#: Kinds computed on the (k+1) buckets (:func:`bucket_logprobs`), so they share the student's softmax with the CE.
+BUCKET_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv")
+
+
+def bucket_divergence(kind: str, log_q: Tensor, log_p: Tensor, temperature: float, *, skew: float = 0.1,
+                      beta: float = 0.5) -> Tensor:
+    """Per-position divergence ``kind`` (one of :data:`BUCKET_KINDS`) [N] between the teacher's and the student's
+    bucket log-distributions ``log_q``, ``log_p`` [N, k+1], times T^2 except for ``tv``. The formulas are the ones
+    each kind's function documents; ``skew`` / ``beta`` are not range-checked here (the functions check them)."""
+    if kind == "forward_kl":
+        return temperature**2 * _kl(log_q, log_p)
+    if kind == "reverse_kl":
+        return temperature**2 * _kl(log_p, log_q)
+    if kind == "skew_forward_kl":
+        return temperature**2 * _kl(log_q, log_p if skew == 0 else _log_mixture(log_q, log_p, skew))
+    if kind == "skew_reverse_kl":
+        return temperature**2 * _kl(log_p, log_q if skew == 0 else _log_mixture(log_p, log_q, skew))
+    if kind == "jsd":
+        log_m = _log_mixture(log_q, log_p, beta)
+        return temperature**2 * (beta * _kl(log_q, log_m) + (1.0 - beta) * _kl(log_p, log_m))
+    if kind == "tv":
+        return 0.5 * (log_q.exp() - log_p.exp()).abs().sum(dim=-1)
+    raise ValueError(f"kind must be one of {', '.join(BUCKET_KINDS)}, got {kind!r}")
 
 
 def teacher_bucket_logprobs(

@@ -47,12 +47,13 @@ from torch import Tensor
 from kdcache.config import LOSS_KINDS, LossConfig
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import (
+    BUCKET_KINDS,
     _check_logits,
     _compute_dtype,
     _kl,
-    _log_mixture,
     _logsumexp,
     _valid_ids,
+    bucket_divergence,
     bucket_logprobs,
     renormalised_topk_logprobs,
     teacher_confidence_weight,
@@ -60,9 +61,11 @@ from kdcache.train.buckets import (
 )
 
 __all__ = [
+    "BUCKET_KINDS",
     "LOSS_KINDS",
     "LossConfig",
     "REVERSE_KINDS",
+    "bucket_divergence",
     "bucket_logprobs",
     "combine_terms",
     "distillation_loss",
@@ -71,6 +74,7 @@ __all__ = [
     "hard_ce",
     "kd_loss",
     "label_weights",
+    "prepared_targets",
     "reduce_positions",
     "reverse_kl",
     "sampled_cross_entropy",
@@ -135,7 +139,7 @@ def forward_kl(
 ) -> Tensor:
     """Forward KL (Hinton): ``T^2 * KL(q || p) = T^2 * sum_b q_b (log q_b - log p_b)`` over k+1 buckets."""
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    return _reduce(temperature**2 * _kl(log_q, log_p), weights, reduction)
+    return _reduce(bucket_divergence("forward_kl", log_q, log_p, temperature), weights, reduction)
 
 
 def reverse_kl(
@@ -153,7 +157,7 @@ def reverse_kl(
     (e.g. a finite student tail against a cached tail of -inf with k < V).
     """
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    return _reduce(temperature**2 * _kl(log_p, log_q), weights, reduction)
+    return _reduce(bucket_divergence("reverse_kl", log_q, log_p, temperature), weights, reduction)
 
 
 def skew_forward_kl(
@@ -173,8 +177,7 @@ def skew_forward_kl(
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew must be in [0, 1), got {skew}")
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    log_m = log_p if skew == 0 else _log_mixture(log_q, log_p, skew)
-    return _reduce(temperature**2 * _kl(log_q, log_m), weights, reduction)
+    return _reduce(bucket_divergence("skew_forward_kl", log_q, log_p, temperature, skew=skew), weights, reduction)
 
 
 def skew_reverse_kl(
@@ -191,8 +194,7 @@ def skew_reverse_kl(
     if not 0.0 <= skew < 1.0:
         raise ValueError(f"skew must be in [0, 1), got {skew}")
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    log_m = log_q if skew == 0 else _log_mixture(log_p, log_q, skew)
-    return _reduce(temperature**2 * _kl(log_p, log_m), weights, reduction)
+    return _reduce(bucket_divergence("skew_reverse_kl", log_q, log_p, temperature, skew=skew), weights, reduction)
 
 
 def generalized_jsd(
@@ -219,9 +221,7 @@ def generalized_jsd(
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    log_m = _log_mixture(log_q, log_p, beta)
-    jsd = beta * _kl(log_q, log_m) + (1.0 - beta) * _kl(log_p, log_m)
-    return _reduce(temperature**2 * jsd, weights, reduction)
+    return _reduce(bucket_divergence("jsd", log_q, log_p, temperature, beta=beta), weights, reduction)
 
 
 def total_variation(
@@ -235,8 +235,7 @@ def total_variation(
 ) -> Tensor:
     """Total variation distance ``0.5 * sum_b |q_b - p_b|`` over k+1 buckets (in [0, 1]; no T^2 factor)."""
     log_q, log_p = bucket_logprobs(student_logits, targets, temperature, tail_mode)
-    tv = 0.5 * (log_q.exp() - log_p.exp()).abs().sum(dim=-1)
-    return _reduce(tv, weights, reduction)
+    return _reduce(bucket_divergence("tv", log_q, log_p, temperature), weights, reduction)
 
 
 def topk_forward_kl(
@@ -347,6 +346,20 @@ if tuple(_KD_FUNCS) != LOSS_KINDS:
     raise ImportError(f"losses.py implements {tuple(_KD_FUNCS)} but config.LOSS_KINDS names {LOSS_KINDS}")
 
 
+def prepared_targets(config: LossConfig, targets: SparseTargets) -> SparseTargets:
+    """``targets`` checked against ``config.kind`` and cut to ``config.top_k`` (what :func:`kd_loss` computes on)."""
+    if config.kind in REVERSE_KINDS and targets.tail_logmass is None:
+        raise ValueError(f"kind '{config.kind}' needs targets with the teacher's tail (tail_logmass); these have "
+                         "none, so the tail would be derived as 1 - sum(top-k) and the loss wrong by up to many "
+                         "nats. Use a topk cache built with its tail, or kind forward_kl / jsd")
+    if config.kind == "sampled_ce":
+        if not targets.is_sampled:
+            raise ValueError("kind 'sampled_ce' needs sample targets (with counts); these are topk targets")
+    elif config.top_k is not None:
+        targets = top_k_truncate(targets, config.top_k)
+    return targets
+
+
 def kd_loss(
     config: LossConfig,
     student_logits: Tensor,
@@ -361,15 +374,7 @@ def kd_loss(
     targets given without a tail) they are refused, since a tail derived as ``1 - sum(top-k)`` is rounding noise
     for a confident teacher and reverse KL weighs it by the student's tail mass (errors of 1 to 20 nats).
     """
-    if config.kind in REVERSE_KINDS and targets.tail_logmass is None:
-        raise ValueError(f"kind '{config.kind}' needs targets with the teacher's tail (tail_logmass); these have "
-                         "none, so the tail would be derived as 1 - sum(top-k) and the loss wrong by up to many "
-                         "nats. Use a topk cache built with its tail, or kind forward_kl / jsd")
-    if config.kind == "sampled_ce":
-        if not targets.is_sampled:
-            raise ValueError("kind 'sampled_ce' needs sample targets (with counts); these are topk targets")
-    elif config.top_k is not None:
-        targets = top_k_truncate(targets, config.top_k)
+    targets = prepared_targets(config, targets)
     func, fields = _KD_FUNCS[config.kind]
     settings = {name: getattr(config, name) for name in fields}
     return func(student_logits, targets, temperature=config.temperature, weights=weights, reduction=reduction,

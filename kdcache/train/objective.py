@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kdcache.modeling import output_logits, row_chunks, target_hidden_states
 from kdcache.targets import SparseTargets
+from kdcache.train.fused import ce_and_kd
 from kdcache.train.losses import (
     LossConfig,
     combine_terms,
@@ -110,10 +111,17 @@ def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: t
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:, :vocab_size]
     ce_sum = kd_sum = logits.new_zeros((), dtype=dtype)
-    if rows.labels is not None:
-        ce_sum, _ = weighted_sum(hard_ce(logits, rows.labels, reduction="none"), rows.ce_weights)
-    if rows.targets is not None:
-        kd_sum, _ = weighted_sum(kd_loss(loss_config, logits, rows.targets, reduction="none"), rows.kd_weights)
+    ce = kd = None
+    if rows.labels is not None and rows.targets is not None:  # both terms from one pass over the chunk
+        ce, kd = ce_and_kd(loss_config, logits, rows.labels, rows.targets)
+    elif rows.labels is not None:
+        ce = hard_ce(logits, rows.labels, reduction="none")
+    elif rows.targets is not None:
+        kd = kd_loss(loss_config, logits, rows.targets, reduction="none")
+    if ce is not None:
+        ce_sum, _ = weighted_sum(ce, rows.ce_weights)
+    if kd is not None:
+        kd_sum, _ = weighted_sum(kd, rows.kd_weights)
     return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
 
 

@@ -408,7 +408,7 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     n = dist.world_size
     seconds = time.perf_counter() - started
     record = {"step": step, "loss": sums[0] / n, **{k: v / n for k, v in zip(keys, sums[1:-2])}}
-    record.update(tokens_per_s=sums[-2] / seconds, loader_wait_s=sums[-1] / n)
+    record.update(tokens_per_s=sums[-2] / seconds, loader_wait_s=sums[-1] / n, step_s=seconds)
     record["tokens"] = int(sums[-2])  # the whole job's (the loop sums it for run_summary.json, not logged)
     return record
 
