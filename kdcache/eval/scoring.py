@@ -170,12 +170,14 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-                 device: torch.device | None = None, chunk_size: int = 1024) -> np.ndarray:
+                 device: torch.device | None = None, chunk_size: int = 1024,
+                 vocab_size: int | None = None) -> np.ndarray:
     """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
 
     All (prompt, label) pairs go through the model as one right-padded batch. Hidden states are taken at the
     positions that predict label tokens only, and projected through the LM head `chunk_size` rows at a time;
-    log-softmax is done in float32 whatever the model's dtype.
+    log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
+    rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
     """
     if not prompts:
         return np.zeros((0, len(labels)))
@@ -206,11 +208,11 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     if decoder_of(model) is not None:
         selected = final_hidden_states(model, ids, mask)[rows_t, positions_t]
         for part in row_chunks(len(rows), chunk_size):
-            logits = output_logits(model, selected[part]).float()
+            logits = output_logits(model, selected[part]).float()[:, :vocab_size]
             token_logprobs[part] = logits.log_softmax(-1).gather(-1, targets_t[part, None])[:, 0]
     else:  # a model without a separate decoder: full logits (fine for small models)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        token_logprobs = logits[rows_t, positions_t].float().log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
+        token_logprobs = logits[rows_t, positions_t].float()[:, :vocab_size].log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
     totals.index_add_(0, rows_t, token_logprobs.double())
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
@@ -229,7 +231,9 @@ def label_probabilities(logliks: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens: int = 16,
              device: torch.device | None = None) -> list[str]:
-    """Greedy continuations of the prompts (left-padded into one batch), decoded without special tokens."""
+    """Greedy continuations of the prompts (left-padded into one batch), decoded without special tokens.
+
+    LM-head rows past the tokenizer's vocabulary (embedding padding) are never chosen: they decode to nothing."""
     if not prompts:
         return []
     device = device or next(model.parameters()).device
@@ -242,8 +246,10 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens:
         mask[i, width - len(prompt):] = 1
     from transformers import GenerationConfig
 
+    rows = model.get_output_embeddings().weight.shape[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=tokenizer.eos_token_id,
+                              suppress_tokens=list(range(len(tokenizer), rows)) or None)
     output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     new_tokens = output[:, width:].cpu().tolist()
     texts = []
