@@ -40,6 +40,21 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat: bool = Tr
     return tokenizer
 
 
+def build_unigram_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A SentencePiece-style unigram tokenizer (``▁`` marks a word start, as T5's and Llama's do) trained on `texts`,
+    with ``</s>`` as EOS and ``<pad>``: another tokenizer than :func:`build_tokenizer`'s, for cross-tokenizer students."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.Unigram())
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    core.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
 def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, kv_heads: int | None = None,
                 intermediate_size: int | None = None, max_positions: int = 2048, seed: int = 0,
                 tie_embeddings: bool = True):

@@ -46,7 +46,7 @@ def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
             f"({cached.vocab_size} tokens, fingerprint {expected[:19]}...), but this "
             f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has {len(tokenizer)} tokens and fingerprint "
             f"{actual[:19]}...; token ids would mean different tokens. Use a student with the teacher's tokenizer, "
-            "or build a cache with a teacher that shares the student's tokenizer"
+            "or set loss.kind=uld (Universal Logit Distillation, the cross-tokenizer loss)"
         )
 
 

@@ -58,6 +58,7 @@ from kdcache.train.buckets import (
     teacher_confidence_weight,
     top_k_truncate,
 )
+from kdcache.train.uld import universal_logit_distillation
 
 __all__ = [
     "LOSS_KINDS",
@@ -80,6 +81,7 @@ __all__ = [
     "top_k_truncate",
     "topk_forward_kl",
     "total_variation",
+    "universal_logit_distillation",
     "weighted_sum",
 ]
 
@@ -340,6 +342,7 @@ _KD_FUNCS = {
     "tv": (total_variation, ("tail_mode",)),
     "topk_forward_kl": (topk_forward_kl, ()),
     "sampled_ce": (sampled_cross_entropy, ()),
+    "uld": (universal_logit_distillation, ()),  # kdcache.train.uld: another tokenizer (no vocabulary mapping)
 }
 #: Kinds that weigh the teacher's tail by the student's tail mass, so a derived tail makes them wrong.
 REVERSE_KINDS: tuple[str, ...] = ("reverse_kl", "skew_reverse_kl")

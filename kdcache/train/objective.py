@@ -222,6 +222,13 @@ def check_loss_for_cache(loss: LossConfig, manifest) -> None:
             f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
             "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
             "teacher.vllm.scoring=exact")
+    if loss.kind == "uld":
+        if sparsifier.kind != "topk":
+            raise BadInputError("loss.kind=uld compares sorted probability vectors, which a sample cache does not "
+                                "hold: use a topk cache (sparsifier.kind=topk)")
+        if abs(T - 1.0) > 1e-6:
+            raise BadInputError(f"loss.kind=uld compares the distributions at T = 1, got loss.temperature={T:g}: "
+                                "set loss.temperature=1")
     if loss.kind == "sampled_ce":
         if sparsifier.kind != "sample":
             raise BadInputError("loss.kind=sampled_ce needs a sample cache (sparsifier.kind=sample); this one is topk")
