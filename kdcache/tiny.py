@@ -77,6 +77,21 @@ def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: 
     return Qwen2ForCausalLM(config).eval()
 
 
+def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, pad_id: int = 0,
+             eos_id: int = 1):
+    """A randomly initialised T5ForConditionalGeneration (FLAN-T5's architecture: gated-GELU, untied head) of the
+    given small shape, in fp32, eval mode; the decoder starts from the pad token, as T5's does."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                      num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, pad_token_id=pad_id, eos_token_id=eos_id,
+                      decoder_start_token_id=pad_id)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
 def save_model(model, tokenizer, folder: str | Path) -> str:
     """Save a model and its tokenizer to a folder that `from_pretrained` (and kdcache) can load."""
     folder = str(folder)

@@ -114,3 +114,50 @@ def test_uld_trains_a_student_with_another_tokenizer(tmp_path, cache, unigram):
     assert result.step == 30 and (tmp_path / "run" / "final" / "tokenizer.json").exists()
     assert set(result.evals[-1]) == {"step", "heldout_kd", "heldout_targets"}
     assert last < first, result.evals
+
+
+# ------------------------------------------------------------------------------ encoder-decoder (T5-family) students
+
+
+def t5_student(unigram, folder=None, seed=5):
+    from kdcache.tiny import build_t5
+
+    model = build_t5(len(unigram), d_model=64, layers=1, heads=2, seed=seed, pad_id=unigram.pad_token_id,
+                     eos_id=unigram.eos_token_id)
+    return model if folder is None else save_model(model, unigram, folder)
+
+
+def test_t5_student_reads_the_prompt_with_its_encoder_and_targets_on_its_decoder(cache, unigram):
+    """Pinned to a plain ``model(input_ids=prompt, decoder_input_ids=shifted target)`` forward, example by example."""
+    from kdcache.modeling import output_logits
+    from kdcache.train.objective import student_hidden_states
+
+    model = t5_student(unigram)
+    batch = next(iter(CacheDataset(cache, batch_size=3, shuffle=False, student_tokenizer=unigram)))
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 1  # examples of different lengths: padding exercised
+    with torch.no_grad():
+        got = output_logits(model, student_hidden_states(model, batch.input_ids, batch.attention_mask,
+                                                         batch.target_mask, batch.prompt_lengths))
+        expected = []
+        for b in range(3):
+            p, n = int(batch.prompt_lengths[b]), int(batch.attention_mask[b].sum())
+            target = batch.input_ids[b, p:n]
+            shifted = torch.cat([torch.tensor([model.config.decoder_start_token_id]), target[:-1]])
+            logits = model(input_ids=batch.input_ids[b:b + 1, :p], decoder_input_ids=shifted[None]).logits[0]
+            expected.append(logits[batch.target_mask[b, p:n]])
+    torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_uld_trains_a_t5_student_from_a_decoder_only_teachers_cache(tmp_path, cache, unigram):
+    from transformers import AutoModelForSeq2SeqLM
+
+    student = t5_student(unigram, tmp_path / "t5")
+    result = train(config(cache, student, tmp_path / "run", "loss.kind=uld", "max_steps=30", "eval_every=15"))
+    assert result.evals[-1]["heldout_kd"] < result.evals[0]["heldout_kd"], result.evals
+    trained = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "final")
+    assert trained.config.is_encoder_decoder
+    lora = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q, v]", "max_steps=4", "save_every=2"]
+    first = train(config(cache, student, tmp_path / "lora", "loss.kind=uld", *lora), stop_after_steps=3)
+    assert first.step == 3
+    resumed = train(config(cache, student, tmp_path / "lora", "loss.kind=uld", *lora))  # from the step-2 checkpoint
+    assert resumed.step == 4 and (tmp_path / "lora" / "final" / "adapter_config.json").exists()

@@ -29,6 +29,7 @@ class CachedExample:
     sample_counts: np.ndarray | None  # [targets, k]
     record: dict
     tail_tempered: np.ndarray | None = None  # [targets, G]: the tail's log-partition at the cache's tail temperatures
+    prompt_length: int | None = None  # tokens before the target text (set for re-tokenised examples; None: unknown)
 
     @property
     def key(self) -> tuple[int, int]:

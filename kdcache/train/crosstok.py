@@ -85,6 +85,7 @@ class _Aligned:
     input_ids: np.ndarray  # int32 [tokens]: the student's prompt + target tokens
     target_mask: np.ndarray  # bool [tokens]: the aligned student target positions
     rows: np.ndarray  # int64 [aligned]: the teacher's cached rows, in the order of the student positions
+    prompt_length: int  # the student's prompt tokens (what an encoder-decoder student's encoder reads)
 
 
 class StudentView:
@@ -118,7 +119,7 @@ class StudentView:
         return replace(example, input_ids=aligned.input_ids, target_mask=aligned.target_mask,
                        sparse_ids=example.sparse_ids[rows], sparse_logprobs=example.sparse_logprobs[rows],
                        tail_logmass=take(example.tail_logmass), sample_counts=take(example.sample_counts),
-                       tail_tempered=take(example.tail_tempered))
+                       tail_tempered=take(example.tail_tempered), prompt_length=aligned.prompt_length)
 
     def _align(self, example: CachedExample) -> _Aligned:
         record = example.record
@@ -141,4 +142,4 @@ class StudentView:
         mask = np.zeros(len(input_ids), dtype=bool)
         positions = [len(prompt) + token for _, token in pairs]
         mask[positions] = True
-        return _Aligned(input_ids, mask, np.asarray([row for row, _ in pairs], dtype=np.int64))
+        return _Aligned(input_ids, mask, np.asarray([row for row, _ in pairs], dtype=np.int64), len(prompt))

@@ -26,14 +26,14 @@ import torch
 
 from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.modeling import load_tokenizer, output_logits, row_chunks
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.crosstok import tokenizer_role
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
-from kdcache.train.objective import DistillationObjective, check_loss_for_cache
+from kdcache.train.objective import DistillationObjective, check_loss_for_cache, student_hidden_states
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
@@ -82,7 +82,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                             batch.prompt_lengths)
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = batch.targets[part]
@@ -111,7 +112,8 @@ def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, 
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                             batch.prompt_lengths)
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :dataset.vocab_size]
             kd_sum += float(kd_loss(kd_only, logits, batch.targets[part], reduction="none").sum())
