@@ -161,3 +161,36 @@ def test_uld_trains_a_t5_student_from_a_decoder_only_teachers_cache(tmp_path, ca
     assert first.step == 3
     resumed = train(config(cache, student, tmp_path / "lora", "loss.kind=uld", *lora))  # from the step-2 checkpoint
     assert resumed.step == 4 and (tmp_path / "lora" / "final" / "adapter_config.json").exists()
+
+
+def test_t5_eval_scores_labels_and_generates_as_a_plain_forward_does(tmp_path, unigram, data_file):
+    """Eval of an encoder-decoder: label log-likelihoods pinned to ``model(prompt, decoder_input_ids)``, greedy
+    texts to ``model.generate``, and a generation run with BLEU and ROUGE-L."""
+    from kdcache.eval.runner import EvalConfig, run_eval
+    from kdcache.eval.scoring import generate, load_model, score_labels
+
+    folder = t5_student(unigram, tmp_path / "t5", seed=7)
+    loaded = load_model(folder, device="cpu")
+    model = loaded.model
+    assert model.config.is_encoder_decoder
+    prompts = [unigram.encode("Which GS paper is about the economy?"), unigram.encode("RBI repo rate")]
+    labels = [unigram.encode("GS3", add_special_tokens=False), unigram.encode("GS1 paper", add_special_tokens=False)]
+    got = score_labels(model, prompts, labels, unigram.pad_token_id, vocab_size=len(unigram))
+    start = model.config.decoder_start_token_id
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            for j, label in enumerate(labels):
+                decoder = torch.tensor([[start] + label[:-1]])
+                logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=decoder).logits[0]
+                expected = float(logits.log_softmax(-1).gather(-1, torch.tensor(label)[:, None]).sum())
+                assert got[i, j] == pytest.approx(expected, abs=1e-4)
+    texts = generate(model, prompts, unigram, max_new_tokens=5)
+    with torch.no_grad():
+        alone = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=5, do_sample=False)
+    tokens = alone[0, 1:].tolist()
+    tokens = tokens[: tokens.index(unigram.eos_token_id)] if unigram.eos_token_id in tokens else tokens
+    assert texts[1] == unigram.decode(tokens, skip_special_tokens=True)
+    result = run_eval(EvalConfig(model=folder, data=[data_file], out=str(tmp_path / "eval"), label_field="title",
+                                 prompt="{text}", mode="generate", max_new_tokens=6, limit=4, device="cpu",
+                                 warmup=False, plots=False))
+    assert {"bleu", "rouge_l"} <= set(result.metrics["generation"]) and result.metrics["n"] == 4
