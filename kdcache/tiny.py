@@ -1,4 +1,5 @@
-"""Small tokenizers and Qwen2-family models built locally from configs: for tests, the demo and benchmarks.
+"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama and T5 models built locally from
+configs: for tests, the demo, recipes and benchmarks.
 
 Nothing here downloads anything: the tokenizer is trained on the given texts, the model is randomly initialised.
 """
@@ -75,6 +76,20 @@ def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: 
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
+
+
+def build_llama(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, seed: int = 0,
+                bos_id: int | None = None, eos_id: int | None = None):
+    """A randomly initialised LlamaForCausalLM (TinyLlama's architecture) of the given small shape, fp32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=bos_id,
+                         eos_token_id=eos_id, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
 
 
 def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, pad_id: int = 0,
