@@ -95,7 +95,9 @@ class StudentView:
     manifest: the cache's (template and max length); tokenizer: the student's (a fast tokenizer, for offsets).
     """
 
-    def __init__(self, manifest, tokenizer):
+    def __init__(self, manifest, tokenizer, cache_tokenizer=None):
+        if cache_tokenizer is not None:
+            raise TypeError("give tokenizer (the cache's) or student_tokenizer (another one), not both")
         if not getattr(tokenizer, "is_fast", False):
             raise BadInputError(f"the student's tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' is a slow "
                                 "(Python) tokenizer without character offsets; give a student with a fast tokenizer "
@@ -106,6 +108,8 @@ class StudentView:
         self.tokenizer = tokenizer
         self.max_length = manifest.max_length
         self.memory: dict[tuple[int, int], _Aligned] = {}
+        self.vocab_size = len(tokenizer)  # the student's softmax covers its own tokenizer's vocabulary
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, example: CachedExample) -> CachedExample:
         aligned = self.memory.get(example.key)

@@ -257,16 +257,12 @@ class CacheDataset(IterableDataset):
             if k_prime > sparsifier.k:
                 raise ConfigValueError("k_prime", f"an integer in [1, {sparsifier.k}] (the cache's k)", k_prime)
         eos = self.manifest.tokenizer.eos_token_id
-        self.view = None
+        self.view = None  # a student with another tokenizer: kdcache.train.crosstok
         if student_tokenizer is not None:
-            if tokenizer is not None:
-                raise TypeError("give tokenizer (the cache's) or student_tokenizer (another one), not both")
             from kdcache.train.crosstok import StudentView
 
-            self.view = StudentView(self.manifest, student_tokenizer)
-            eos = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else (
-                student_tokenizer.eos_token_id)
-            self._student_vocab = len(student_tokenizer)
+            self.view = StudentView(self.manifest, student_tokenizer, cache_tokenizer=tokenizer)
+            eos = self.view.pad_id
         self.pad_id = int(pad_id if pad_id is not None else (eos if eos is not None else 0))
 
         self.stats = LoaderStats()
@@ -280,7 +276,7 @@ class CacheDataset(IterableDataset):
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (pass it to the student loss to drop embedding padding rows): the
         student's when examples are re-tokenised for it, else the cache's."""
-        return self._student_vocab if self.view is not None else self.manifest.tokenizer.vocab_size
+        return self.view.vocab_size if self.view is not None else self.manifest.tokenizer.vocab_size
 
     @property
     def num_shards(self) -> int:
