@@ -306,7 +306,7 @@ TailMode = Literal["exact", "interpolate", "single_atom"]
 TAIL_MODES: tuple[str, ...] = typing.get_args(TailMode)
 
 LossKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "topk_forward_kl",
-                   "sampled_ce"]
+                   "sampled_ce", "uld"]  # uld: Universal Logit Distillation, for a student with another tokenizer
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
 

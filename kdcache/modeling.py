@@ -20,6 +20,7 @@ __all__ = [
     "DTYPES",
     "decoder_of",
     "final_hidden_states",
+    "is_encoder_decoder",
     "load_causal_lm",
     "load_tokenizer",
     "looks_like_local_path",
@@ -27,6 +28,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "row_chunks",
+    "seq2seq_target_hidden_states",
     "target_hidden_states",
 ]
 
@@ -139,11 +141,53 @@ def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, targe
     return hidden[rows, cols - 1]
 
 
+def is_encoder_decoder(model) -> bool:
+    """Whether the model is an encoder-decoder (T5, FLAN-T5, BART...), whose targets are read on the decoder side."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def seq2seq_target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
+                                 prompt_lengths: Tensor) -> Tensor:
+    """An encoder-decoder's final decoder hidden states ``[N, H]`` that predict the target tokens, in row-major order
+    of ``target_mask`` [B, L] (the same rows :func:`target_hidden_states` gives a causal LM).
+
+    Example b's first ``prompt_lengths[b]`` tokens go to the encoder; its decoder reads the start token and the
+    target tokens after the prompt, shifted right, so decoder position ``t - prompt_lengths[b]`` predicts token t.
+    Every target must come after the prompt.
+    """
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    prompt_lengths = prompt_lengths.to(input_ids.device)
+    if cols.numel() and bool((cols < prompt_lengths[rows]).any()):
+        raise ValueError("an encoder-decoder student distills target tokens only, not prompt tokens "
+                         "(template.distill=all)")
+    lengths = attention_mask.sum(dim=1)
+    batch = input_ids.shape[0]
+    enc_width = max(1, int(prompt_lengths.max()))
+    dec_width = max(1, int((lengths - prompt_lengths).max()))
+    enc = input_ids.new_zeros((batch, enc_width))
+    enc_mask = attention_mask.new_zeros((batch, enc_width))
+    start = model.config.decoder_start_token_id
+    dec = input_ids.new_full((batch, dec_width), 0 if start is None else int(start))
+    dec_mask = attention_mask.new_zeros((batch, dec_width))
+    for b in range(batch):
+        p, n = int(prompt_lengths[b]), int(lengths[b])
+        enc[b, :p], enc_mask[b, :p] = input_ids[b, :p], 1
+        dec[b, 1:n - p] = input_ids[b, p:n - 1]
+        dec_mask[b, :n - p] = 1
+    encoded = model.get_encoder()(input_ids=enc, attention_mask=enc_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=dec, attention_mask=dec_mask, encoder_hidden_states=encoded,
+                                 encoder_attention_mask=enc_mask, use_cache=False).last_hidden_state
+    return hidden[rows, cols - prompt_lengths[rows]]
+
+
 def output_logits(model, hidden: Tensor) -> Tensor:
     """Logits [n, rows of the LM head] of final hidden states [n, H], with the scale / soft-cap some architectures
-    apply. Columns past the tokenizer's vocabulary (embedding padding) are the caller's to drop."""
-    logits = model.get_output_embeddings()(hidden)
+    apply (T5's ``d_model ** -0.5`` on the decoder's output). Columns past the tokenizer's vocabulary (embedding
+    padding) are the caller's to drop."""
     config = model.config
+    if getattr(config, "scale_decoder_outputs", False) and getattr(config, "d_model", None):
+        hidden = hidden * config.d_model ** -0.5
+    logits = model.get_output_embeddings()(hidden)
     scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
         logits = logits * scale

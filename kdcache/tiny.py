@@ -1,4 +1,5 @@
-"""Small tokenizers and Qwen2-family models built locally from configs: for tests, the demo and benchmarks.
+"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama and T5 models built locally from
+configs: for tests, the demo, recipes and benchmarks.
 
 Nothing here downloads anything: the tokenizer is trained on the given texts, the model is randomly initialised.
 """
@@ -40,6 +41,21 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat: bool = Tr
     return tokenizer
 
 
+def build_unigram_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A SentencePiece-style unigram tokenizer (``▁`` marks a word start, as T5's and Llama's do) trained on `texts`,
+    with ``</s>`` as EOS and ``<pad>``: another tokenizer than :func:`build_tokenizer`'s, for cross-tokenizer students."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.Unigram())
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    core.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
 def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, kv_heads: int | None = None,
                 intermediate_size: int | None = None, max_positions: int = 2048, seed: int = 0,
                 tie_embeddings: bool = True):
@@ -60,6 +76,35 @@ def build_qwen2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: 
     )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config).eval()
+
+
+def build_llama(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, seed: int = 0,
+                bos_id: int | None = None, eos_id: int | None = None):
+    """A randomly initialised LlamaForCausalLM (TinyLlama's architecture) of the given small shape, fp32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=bos_id,
+                         eos_token_id=eos_id, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, pad_id: int = 0,
+             eos_id: int = 1):
+    """A randomly initialised T5ForConditionalGeneration (FLAN-T5's architecture: gated-GELU, untied head) of the
+    given small shape, in fp32, eval mode; the decoder starts from the pad token, as T5's does."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                      num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, pad_token_id=pad_id, eos_token_id=eos_id,
+                      decoder_start_token_id=pad_id)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
 
 
 def save_model(model, tokenizer, folder: str | Path) -> str:

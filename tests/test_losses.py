@@ -508,9 +508,10 @@ def test_kd_loss_dispatches_every_kind_with_its_settings():
         "tv": L.total_variation(s, topk, temperature=T),
         "topk_forward_kl": L.topk_forward_kl(s, topk, temperature=T),
         "sampled_ce": L.sampled_cross_entropy(s, sampled, temperature=T),
+        "uld": L.universal_logit_distillation(s, topk),  # at T = 1 only (tests/test_uld.py)
     }
     assert tuple(expected) == L.LOSS_KINDS
     for kind in L.LOSS_KINDS:
-        config = LossConfig(kind=kind, temperature=T, skew=0.3, beta=0.2)
+        config = LossConfig(kind=kind, temperature=1.0 if kind == "uld" else T, skew=0.3, beta=0.2)
         got = L.kd_loss(config, s, sampled if kind == "sampled_ce" else topk)
         assert torch.equal(got, expected[kind]), kind

@@ -167,7 +167,8 @@ def _run_batch(config: EvalConfig, loaded, prompting: _Prompting, batch: list[Ex
         raise BadInputError(str(exc)) from None
     prompts = [ids for ids, _ in encoded]
     if config.mode == "score":
-        out = score_labels(loaded.model, prompts, prompting.label_ids, prompting.pad_id, loaded.device)
+        out = score_labels(loaded.model, prompts, prompting.label_ids, prompting.pad_id, loaded.device,
+                           vocab_size=len(loaded.tokenizer))
     else:
         out = generate(loaded.model, prompts, loaded.tokenizer, config.max_new_tokens, loaded.device)
     return encoded, out

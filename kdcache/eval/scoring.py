@@ -30,12 +30,14 @@ from kdcache.errors import BadInputError
 from kdcache.modeling import (
     decoder_of,
     final_hidden_states,
+    is_encoder_decoder,
     load_causal_lm,
     load_tokenizer,
     output_logits,
     resolve_device,
     resolve_dtype,
     row_chunks,
+    seq2seq_target_hidden_states,
 )
 
 UNPARSED = "unparsed"
@@ -80,6 +82,19 @@ def _has_tokenizer(path: str) -> bool:
     return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
+def _load_lm(source: str, dtype: str):
+    """A causal LM, or an encoder-decoder (T5, FLAN-T5: ``config.is_encoder_decoder``) through AutoModelForSeq2SeqLM."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    try:
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(source), "is_encoder_decoder", False))
+    except (OSError, ValueError):
+        seq2seq = False  # load_causal_lm reports what is wrong with the folder
+    if not seq2seq:
+        return load_causal_lm(source, dtype=dtype)
+    return AutoModelForSeq2SeqLM.from_pretrained(source, dtype=resolve_dtype(dtype)).eval()
+
+
 def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenizer: str | None = None,
                base: str | None = None, merge_adapter: bool = True) -> LoadedModel:
     """Load a causal LM folder (or hub id already cached), or a peft adapter folder on top of its base model.
@@ -98,7 +113,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "float32", tokenize
         if not base_name:
             raise BadInputError(f"the adapter {path} does not name its base model; pass the base model explicitly")
     source = base_name if adapter else path
-    model = load_causal_lm(source, dtype=dtype)  # on the CPU: the adapter is applied before it moves
+    model = _load_lm(source, dtype)  # on the CPU: the adapter is applied before it moves
     adapter_parameters = None
     if adapter:
         from peft import PeftModel
@@ -170,12 +185,14 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-                 device: torch.device | None = None, chunk_size: int = 1024) -> np.ndarray:
+                 device: torch.device | None = None, chunk_size: int = 1024,
+                 vocab_size: int | None = None) -> np.ndarray:
     """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
 
     All (prompt, label) pairs go through the model as one right-padded batch. Hidden states are taken at the
     positions that predict label tokens only, and projected through the LM head `chunk_size` rows at a time;
-    log-softmax is done in float32 whatever the model's dtype.
+    log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
+    rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
     """
     if not prompts:
         return np.zeros((0, len(labels)))
@@ -203,14 +220,22 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     positions_t = torch.tensor(positions, device=device)
     targets_t = torch.tensor(targets, device=device)
     token_logprobs = torch.empty(len(rows), dtype=torch.float32, device=device)
-    if decoder_of(model) is not None:
+    if is_encoder_decoder(model):  # the prompt to the encoder, the label on the decoder side
+        target_mask = torch.zeros_like(mask, dtype=torch.bool)
+        target_mask[rows_t, positions_t + 1] = True  # row-major order: the order of rows / positions above
+        prompt_lengths = torch.tensor(starts, device=device)
+        selected = seq2seq_target_hidden_states(model, ids, mask, target_mask, prompt_lengths)
+        for part in row_chunks(len(rows), chunk_size):
+            logits = output_logits(model, selected[part]).float()[:, :vocab_size]
+            token_logprobs[part] = logits.log_softmax(-1).gather(-1, targets_t[part, None])[:, 0]
+    elif decoder_of(model) is not None:
         selected = final_hidden_states(model, ids, mask)[rows_t, positions_t]
         for part in row_chunks(len(rows), chunk_size):
-            logits = output_logits(model, selected[part]).float()
+            logits = output_logits(model, selected[part]).float()[:, :vocab_size]
             token_logprobs[part] = logits.log_softmax(-1).gather(-1, targets_t[part, None])[:, 0]
     else:  # a model without a separate decoder: full logits (fine for small models)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        token_logprobs = logits[rows_t, positions_t].float().log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
+        token_logprobs = logits[rows_t, positions_t].float()[:, :vocab_size].log_softmax(-1).gather(-1, targets_t[:, None])[:, 0]
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
     totals.index_add_(0, rows_t, token_logprobs.double())
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
@@ -229,7 +254,9 @@ def label_probabilities(logliks: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens: int = 16,
              device: torch.device | None = None) -> list[str]:
-    """Greedy continuations of the prompts (left-padded into one batch), decoded without special tokens."""
+    """Greedy continuations of the prompts (left-padded into one batch), decoded without special tokens.
+
+    LM-head rows past the tokenizer's vocabulary (embedding padding) are never chosen: they decode to nothing."""
     if not prompts:
         return []
     device = device or next(model.parameters()).device
@@ -242,10 +269,13 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens:
         mask[i, width - len(prompt):] = 1
     from transformers import GenerationConfig
 
+    rows = model.get_output_embeddings().weight.shape[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=tokenizer.eos_token_id,
+                              suppress_tokens=list(range(len(tokenizer), rows)) or None)
     output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    new_tokens = output[:, width:].cpu().tolist()
+    # An encoder-decoder returns its decoder's tokens only, after the start token; a causal LM the prompt too.
+    new_tokens = output[:, 1 if is_encoder_decoder(model) else width:].cpu().tolist()
     texts = []
     for tokens in new_tokens:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:

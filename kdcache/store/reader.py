@@ -29,6 +29,7 @@ class CachedExample:
     sample_counts: np.ndarray | None  # [targets, k]
     record: dict
     tail_tempered: np.ndarray | None = None  # [targets, G]: the tail's log-partition at the cache's tail temperatures
+    prompt_length: int | None = None  # tokens before the target text (set for re-tokenised examples; None: unknown)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -46,7 +47,7 @@ def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
             f"({cached.vocab_size} tokens, fingerprint {expected[:19]}...), but this "
             f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has {len(tokenizer)} tokens and fingerprint "
             f"{actual[:19]}...; token ids would mean different tokens. Use a student with the teacher's tokenizer, "
-            "or build a cache with a teacher that shares the student's tokenizer"
+            "or set loss.kind=uld (Universal Logit Distillation, the cross-tokenizer loss)"
         )
 
 

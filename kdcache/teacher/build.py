@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,7 @@ import torch
 from kdcache.config import CacheBuildConfig
 from kdcache.data.chat import check_chat_tokenizer, encode_conversation, prompt_of_conversation, resolve_conversations
 from kdcache.data.encode import Encoded, encode, encode_prompt, fit_prompt
+from kdcache.data.spans import example_char_spans
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.data.templates import render, render_prompt, warn_literal_newlines
 from kdcache.errors import BadInputError
@@ -51,6 +52,7 @@ class Prepared:
     sample_index: int = 0  # which of the teacher's answers to this row (teacher-generated targets)
     teacher_text: str | None = None  # the teacher's answer (teacher-generated targets), else None
     teacher_stopped: bool | None = None  # whether that answer ended with a stop token (else it hit max_new_tokens)
+    char_spans: tuple[list[int], list[int]] | None = None  # per target row: start and end character in the text
 
 
 @dataclass
@@ -130,6 +132,9 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
         "teacher_text": pa.array([e.teacher_text for e in examples], pa.string()),
         "teacher_stopped": pa.array([e.teacher_stopped for e in examples], pa.bool_()),
     }
+    if examples and all(e.char_spans is not None for e in examples):  # kdcache.data.spans: cross-tokenizer students
+        columns["target_char_starts"] = pa.array([e.char_spans[0] for e in examples], pa.list_(pa.int32()))
+        columns["target_char_ends"] = pa.array([e.char_spans[1] for e in examples], pa.list_(pa.int32()))
     for name in config.data.label_fields:
         columns[f"label_{name}"] = pa.array([label(e, name) for e in examples], pa.string())
     return pa.table(columns)
@@ -207,6 +212,17 @@ class ShardScorer:
             ),
             records=_records_table(self.config, examples, targets),
         )
+
+
+def with_char_spans(tokenizer, example: Prepared) -> Prepared:
+    """The example with its target rows' character spans in its target text (kdcache.data.spans)."""
+    text = example.teacher_text if example.teacher_text is not None else example.target
+    if example.teacher_text is None:
+        eos = tokenizer.eos_token_id
+    else:  # an answer that stopped ends with the stop token it generated
+        eos = example.encoded.input_ids[-1] if example.teacher_stopped else None
+    spans = example_char_spans(tokenizer, text, example.encoded.input_ids, example.encoded.target_mask, eos)
+    return replace(example, char_spans=spans)
 
 
 class BuildProgress:
@@ -385,6 +401,7 @@ class _ShardWriter:
             self.progress.bar.set_description("teacher answering")
             examples = generate_answers(config, self.tokenizer, self.backend, examples, self.stop_ids)
             self.progress.bar.set_description("cache build")
+        examples = [with_char_spans(self.tokenizer, e) for e in examples]
         data = self.scorer.assemble(examples, self.scorer.score_shard(examples))
         self.progress.bar.update(len(bad) * self.answers_per_row)
         size = sum(a.nbytes for a in data.arrays().values()) + data.records.nbytes

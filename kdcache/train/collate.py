@@ -32,6 +32,7 @@ class CacheBatch:
     targets: SparseTargets  # ids long [N, k], logprobs float32 [N, k], tail_logmass float32 [N] | None, counts | None
     labels: Tensor  # long [N]
     example_indices: Tensor  # long [B]: the examples' row indices in the source data
+    prompt_lengths: Tensor | None = None  # long [B]: tokens before the target text (an encoder-decoder's encoder input)
     epoch: int = 0
     worker: int = 0  # the logical worker that produced the batch (resume bookkeeping)
     load_seconds: float = 0.0  # time the producer spent reading shards, decoding and collating for this batch
@@ -53,6 +54,7 @@ class CacheBatch:
             targets=self.targets.map(fn),
             labels=fn(self.labels),
             example_indices=fn(self.example_indices),
+            prompt_lengths=None if self.prompt_lengths is None else fn(self.prompt_lengths),
             epoch=self.epoch,
             worker=self.worker,
             load_seconds=self.load_seconds,
@@ -150,4 +152,13 @@ def collate_examples(
         targets=targets,
         labels=cat(labels, np.int64),
         example_indices=torch.tensor([e.index for e in examples], dtype=torch.long),
+        prompt_lengths=torch.tensor([_prompt_length(e) for e in examples], dtype=torch.long),
     )
+
+
+def _prompt_length(example: CachedExample) -> int:
+    """Tokens before the target text: as recorded, else those before the first target position."""
+    if example.prompt_length is not None:
+        return int(example.prompt_length)
+    mask = np.asarray(example.target_mask, dtype=bool)
+    return int(np.argmax(mask)) if mask.any() else len(mask)

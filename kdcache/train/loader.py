@@ -228,11 +228,15 @@ class CacheDataset(IterableDataset):
     arguments instead (``CacheDataset(url, batch_size=8, split="heldout")``).
     pad_id: the id in padded positions; defaults to the cache tokenizer's eos id (0 if it has none).
     tokenizer: if given, it must match the cache's. storage_options: for fsspec.
+    student_tokenizer: instead of ``tokenizer``, a student's tokenizer other than the cache's: every example is
+    re-tokenised with it and its target positions aligned to the teacher's rows by character offsets
+    (:class:`kdcache.train.crosstok.StudentView`; for ``loss.kind=uld``).
     verify_checksums: check each shard file's sha256 as it is read (the default); False for a cache verified once.
     """
 
     def __init__(self, cache: str, settings: LoaderSettings | None = None, *, pad_id: int | None = None,
-                 tokenizer=None, storage_options: dict | None = None, verify_checksums: bool = True, **options):
+                 tokenizer=None, storage_options: dict | None = None, verify_checksums: bool = True,
+                 student_tokenizer=None, **options):
         super().__init__()
         if settings is None:
             settings = LoaderSettings(**options)
@@ -253,6 +257,12 @@ class CacheDataset(IterableDataset):
             if k_prime > sparsifier.k:
                 raise ConfigValueError("k_prime", f"an integer in [1, {sparsifier.k}] (the cache's k)", k_prime)
         eos = self.manifest.tokenizer.eos_token_id
+        self.view = None  # a student with another tokenizer: kdcache.train.crosstok
+        if student_tokenizer is not None:
+            from kdcache.train.crosstok import StudentView
+
+            self.view = StudentView(self.manifest, student_tokenizer, cache_tokenizer=tokenizer)
+            eos = self.view.pad_id
         self.pad_id = int(pad_id if pad_id is not None else (eos if eos is not None else 0))
 
         self.stats = LoaderStats()
@@ -264,8 +274,9 @@ class CacheDataset(IterableDataset):
 
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size (pass it to the student loss to drop embedding padding rows)."""
-        return self.manifest.tokenizer.vocab_size
+        """The tokenizer's vocabulary size (pass it to the student loss to drop embedding padding rows): the
+        student's when examples are re-tokenised for it, else the cache's."""
+        return self.view.vocab_size if self.view is not None else self.manifest.tokenizer.vocab_size
 
     @property
     def num_shards(self) -> int:
@@ -384,6 +395,8 @@ class CacheDataset(IterableDataset):
         stored: list[CachedExample] = []
         for shard in plan.buffers[b]:
             stored.extend(split_examples(self.reader.read_shard(shard)))  # CacheFormatError propagates as is
+        if self.view is not None:  # the student's own tokens, aligned to the teacher's rows (kdcache.train.crosstok)
+            stored = [self.view(e) for e in stored]
         order = buffer_order([e.index for e in stored], plan=plan, buffer=b, rank=s.rank, split=s.split,
                              heldout_fraction=s.heldout_fraction, split_seed=s.split_seed, shuffle=s.shuffle,
                              seed=s.seed, epoch=self._epoch)

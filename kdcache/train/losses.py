@@ -59,6 +59,7 @@ from kdcache.train.buckets import (
     teacher_confidence_weight,
     top_k_truncate,
 )
+from kdcache.train.uld import universal_logit_distillation
 
 __all__ = [
     "BUCKET_KINDS",
@@ -84,6 +85,7 @@ __all__ = [
     "top_k_truncate",
     "topk_forward_kl",
     "total_variation",
+    "universal_logit_distillation",
     "weighted_sum",
 ]
 
@@ -339,6 +341,7 @@ _KD_FUNCS = {
     "tv": (total_variation, ("tail_mode",)),
     "topk_forward_kl": (topk_forward_kl, ()),
     "sampled_ce": (sampled_cross_entropy, ()),
+    "uld": (universal_logit_distillation, ()),  # kdcache.train.uld: another tokenizer (no vocabulary mapping)
 }
 #: Kinds that weigh the teacher's tail by the student's tail mass, so a derived tail makes them wrong.
 REVERSE_KINDS: tuple[str, ...] = ("reverse_kl", "skew_reverse_kl")

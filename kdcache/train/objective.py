@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kdcache.modeling import output_logits, row_chunks, target_hidden_states
+from kdcache.modeling import (is_encoder_decoder, output_logits, row_chunks, seq2seq_target_hidden_states,
+                              target_hidden_states)
 from kdcache.targets import SparseTargets
 from kdcache.train.fused import ce_and_kd
 from kdcache.train.losses import (
@@ -31,7 +32,18 @@ from kdcache.train.losses import (
     weighted_sum,
 )
 
-__all__ = ["DistillationObjective", "check_loss_for_cache", "chunked_distillation_loss"]
+__all__ = ["DistillationObjective", "check_loss_for_cache", "chunked_distillation_loss", "student_hidden_states"]
+
+
+def student_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
+                          prompt_lengths: Tensor | None = None) -> Tensor:
+    """The hidden states ``[N, H]`` that predict the target tokens, in row-major order of ``target_mask``: a causal
+    LM's at ``t - 1``, an encoder-decoder's on the decoder side (prompt to the encoder, ``prompt_lengths`` [B])."""
+    if is_encoder_decoder(model):
+        if prompt_lengths is None:
+            raise ValueError("an encoder-decoder student needs prompt_lengths (what its encoder reads)")
+        return seq2seq_target_hidden_states(model, input_ids, attention_mask, target_mask, prompt_lengths)
+    return target_hidden_states(model, input_ids, attention_mask, target_mask)
 
 
 @dataclass
@@ -153,6 +165,7 @@ def chunked_distillation_loss(
     vocab_size: int | None = None,
     weights: Tensor | None = None,
     checkpoint_chunks: bool = True,
+    prompt_lengths: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``alpha * CE(labels) + (1 - alpha) * KD`` over all target positions, equal to
     :func:`kdcache.train.losses.distillation_loss` on the gathered full logits, without ever building them.
@@ -165,6 +178,8 @@ def chunked_distillation_loss(
         ``None`` keeps every row of the LM head.
     weights: optional [N] per-position weights (weighted means, as in ``distillation_loss``).
     checkpoint_chunks: recompute each chunk's logits in backward (set False only to trade memory for speed).
+    prompt_lengths: [B] tokens before the target text; an encoder-decoder student reads them with its encoder and the
+        targets on its decoder side (:func:`student_hidden_states`). Unused for a causal LM.
 
     Normalisation is global, not per chunk: each term is ``sum_i w_i l_i / sum_i w_i`` over all N positions (CE also
     skipping labels of -100). Returns ``(loss, parts)`` with detached ``"ce"`` / ``"kd"`` for the computed terms.
@@ -173,7 +188,7 @@ def chunked_distillation_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_vocab_size(model, vocab_size)
     dtype = _loss_dtype(model)
-    hidden = target_hidden_states(model, input_ids, attention_mask, target_mask)
+    hidden = student_hidden_states(model, input_ids, attention_mask, target_mask, prompt_lengths)
     rows = _loss_rows(hidden, input_ids, target_mask, targets, labels, weights, loss_config.alpha, dtype)
     ce_den, kd_den = _denominators(rows, dtype)
     sums = _summed_over_chunks(model, loss_config, vocab_size, dtype, rows, chunk_size, checkpoint_chunks)
@@ -206,7 +221,8 @@ class DistillationObjective(nn.Module):
         weights = teacher_confidence_weight(batch.targets) if self.confidence_weight else None
         return chunked_distillation_loss(
             self.model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
-            self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights)
+            self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights,
+            prompt_lengths=batch.prompt_lengths)
 
 
 def check_loss_for_cache(loss: LossConfig, manifest) -> None:
@@ -230,6 +246,13 @@ def check_loss_for_cache(loss: LossConfig, manifest) -> None:
             f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
             "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
             "teacher.vllm.scoring=exact")
+    if loss.kind == "uld":
+        if sparsifier.kind != "topk":
+            raise BadInputError("loss.kind=uld compares sorted probability vectors, which a sample cache does not "
+                                "hold: use a topk cache (sparsifier.kind=topk)")
+        if abs(T - 1.0) > 1e-6:
+            raise BadInputError(f"loss.kind=uld compares the distributions at T = 1, got loss.temperature={T:g}: "
+                                "set loss.temperature=1")
     if loss.kind == "sampled_ce":
         if sparsifier.kind != "sample":
             raise BadInputError("loss.kind=sampled_ce needs a sample cache (sparsifier.kind=sample); this one is topk")

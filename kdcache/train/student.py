@@ -108,10 +108,12 @@ def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: 
                  gradient_checkpointing: bool = False):
     """The student model ready to train: LoRA adapters in fp32 (or every weight trainable), on the profile's device.
 
+    A causal LM, or an encoder-decoder (T5-family, ``config.is_encoder_decoder``) through ``AutoModelForSeq2SeqLM``.
+
     With ``lora.quantize='4bit'`` (QLoRA) the frozen base is loaded in nf4 through bitsandbytes, straight onto the
     device, and prepared with peft's ``prepare_model_for_kbit_training`` (norms and head in fp32, input grads on).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     quantized = lora.quantize == "4bit"
     extra = {}
@@ -123,8 +125,12 @@ def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: 
         extra = {"quantization_config": _nf4_config(precision), "device_map": {"": str(precision.device)}}
     check_model_source(name, "student")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weight_dtype, attn_implementation="sdpa",
-                                                     **extra)
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(name), "is_encoder_decoder", False))
+        if seq2seq:  # T5 / FLAN-T5: the prompt goes to the encoder, targets are distilled on the decoder side
+            model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=precision.weight_dtype, **extra)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weight_dtype,
+                                                         attn_implementation="sdpa", **extra)
     except OSError as exc:
         raise BadInputError(f"cannot load the student '{name}': {exc}") from None
     check_student_vocab(model, vocab_size, name)
@@ -150,7 +156,8 @@ def load_student(name: str, precision: Precision, lora: LoraConfig, vocab_size: 
                 f"{sorted(present)[:12]}"
             )
         model = get_peft_model(model, PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"))
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+            task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"))
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # trainable weights stay fp32 (fp16 Adam updates underflow)

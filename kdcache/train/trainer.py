@@ -26,14 +26,15 @@ import torch
 
 from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import check_model_source, load_tokenizer, output_logits, row_chunks, target_hidden_states
+from kdcache.modeling import check_model_source, load_tokenizer, output_logits, row_chunks
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
+from kdcache.train.crosstok import tokenizer_role
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.epochs import planned_steps
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
-from kdcache.train.objective import DistillationObjective, check_loss_for_cache
+from kdcache.train.objective import DistillationObjective, check_loss_for_cache, student_hidden_states
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
@@ -78,6 +79,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
     rank gets the same figures over the whole held-out split (and takes the same early-stopping decision)."""
     model.eval()
     vocab = dataset.vocab_size
+    if dataset.view is not None:  # another tokenizer: the cached ids are not the student's
+        return _evaluate_cross_tokenizer(model, dataset, losses, precision, chunk_size, dist)
     kd_only = losses.with_ce_weight(0.0)
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
     sums = torch.zeros(2, 4, dtype=torch.float64)  # [all targets, answer tokens] x [kd, forward KL, agree, count]
@@ -85,7 +88,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                             batch.prompt_lengths)
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = batch.targets[part]
@@ -113,6 +117,33 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
                         "heldout_top1_agreement_answer": a_agree / a_count if a_count else None,
                         "heldout_answer_targets": int(a_count)})
     return figures
+
+
+@torch.no_grad()
+def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
+                              dist: Distributed | None) -> dict:
+    """Held-out figures for a student with another tokenizer: its distillation loss (ULD) over the aligned positions
+    (the forward KL and top-1 agreement against cached ids need one vocabulary, so they are not reported)."""
+    model.eval()
+    kd_only = losses.with_ce_weight(0.0)
+    kd_sum = count = 0.0
+    for batch in dataset:
+        batch = batch.to(precision.device)
+        with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
+                            enabled=precision.autocast_dtype is not None):
+            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                             batch.prompt_lengths)
+        for part in row_chunks(selected.shape[0], chunk_size):
+            logits = output_logits(model, selected[part]).float()[:, :dataset.vocab_size]
+            kd_sum += float(kd_loss(kd_only, logits, batch.targets[part], reduction="none").sum())
+            count += logits.shape[0]
+    model.train()
+    if dist is not None:
+        kd_sum, count = dist.all_sum([kd_sum, count], precision.device)
+    if count == 0:
+        raise BadInputError("the held-out split has no aligned target positions: raise heldout_fraction or use a "
+                            "larger cache")
+    return {"heldout_kd": kd_sum / count, "heldout_targets": int(count)}
 
 
 def _seed_rank(seed: int, dist: Distributed) -> None:
@@ -261,9 +292,10 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
-                  heldout_fraction=config.heldout_fraction, tokenizer=tokenizer, rank=dist.rank,
-                  world_size=dist.world_size, verify_checksums=config.verify_checksums)
-    train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
+                  heldout_fraction=config.heldout_fraction, rank=dist.rank, world_size=dist.world_size,
+                  verify_checksums=config.verify_checksums,
+                  **tokenizer_role(config.loss, config.cache, tokenizer, config.verify_checksums))
+    train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer unless loss uld
     ranks_sum = (lambda value: dist.all_sum([value], precision.device)[0]) if dist.enabled else None
     config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
