@@ -30,6 +30,8 @@ from kdcache.modeling import load_tokenizer, output_logits, row_chunks, target_h
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
+from kdcache.train.hidden import (HiddenProjector, HiddenTerm, check_hidden_for_cache, hidden_state_loss,
+                                  student_layers_for, student_rows)
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
 from kdcache.train.objective import DistillationObjective, check_loss_for_cache
@@ -63,23 +65,33 @@ def lr_lambda(config: TrainConfig):
 
 @torch.no_grad()
 def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
-             dist: Distributed | None = None) -> dict:
+             dist: Distributed | None = None, hidden_term: HiddenTerm | None = None) -> dict:
     """Held-out distillation loss (the run's own, alpha = 0), forward KL at T = 1 on the (k+1) buckets (comparable
     across runs with different losses), and agreement of the student's top-1 with the teacher's top-1.
 
     Under DDP each rank scores its own share of the held-out shards and the sums are added over ranks, so every
-    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision)."""
+    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision).
+    With a hidden term, also the mean squared error between the projected student and the cached teacher hidden
+    states (``heldout_hidden_mse``, per number)."""
     model.eval()
     kd_sum = agree = count = 0.0
     vocab = dataset.vocab_size
     kd_only = dataclasses.replace(losses, alpha=0.0)
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
-    fkl_sum = 0.0
+    fkl_sum = hidden_sum = hidden_rows = 0.0
     for batch in dataset:
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
-            selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+            if hidden_term is None:
+                selected = target_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask)
+            else:
+                selected, chosen = student_rows(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                                hidden_term.student_layers, hidden_term.positions)
+                projected = hidden_term.projector(chosen)
+        if hidden_term is not None:
+            hidden_sum += float(hidden_state_loss(projected, batch.hidden, "mse").sum())
+            hidden_rows += projected.shape[0]
         for part in row_chunks(selected.shape[0], chunk_size):
             logits = output_logits(model, selected[part]).float()[:, :vocab]
             targets = batch.targets[part]
@@ -89,11 +101,15 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
             count += logits.shape[0]
     model.train()
     if dist is not None:
-        kd_sum, fkl_sum, agree, count = dist.all_sum([kd_sum, fkl_sum, agree, count], precision.device)
+        kd_sum, fkl_sum, agree, count, hidden_sum, hidden_rows = dist.all_sum(
+            [kd_sum, fkl_sum, agree, count, hidden_sum, hidden_rows], precision.device)
     if count == 0:
         raise BadInputError("the held-out split is empty: raise heldout_fraction or use a larger cache")
-    return {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
-            "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
+    figures = {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
+               "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
+    if hidden_term is not None:
+        figures["heldout_hidden_mse"] = hidden_sum / max(hidden_rows, 1)
+    return figures
 
 
 def _seed_rank(seed: int, dist: Distributed) -> None:
@@ -200,6 +216,11 @@ class _Run:
     train_data: CacheDataset
     heldout: CacheDataset
     saved_step: int | None = None  # the step of the newest checkpoint in `out` (None before the first)
+    hidden_term: HiddenTerm | None = None  # loss.hidden_weight > 0: the projector and the matched layers
+
+    @property
+    def projector(self) -> HiddenProjector | None:
+        return None if self.hidden_term is None else self.hidden_term.projector
 
     def save_checkpoint(self, state: TrainState) -> None:
         resume = (f"it resumes from step {self.saved_step}" if self.saved_step is not None
@@ -208,7 +229,7 @@ class _Run:
         with storage_errors(f"saving the checkpoint of step {state.step} (about {size / 1e6:.1f} MB) in {self.out}",
                             f"then run the same command again: {resume}"):
             save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.train_data, state,
-                            self.dist)
+                            self.dist, projector=self.projector)
         self.saved_step = state.step
 
 
@@ -246,22 +267,27 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
                   world_size=dist.world_size, verify_checksums=config.verify_checksums)
     train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
+    check_hidden_for_cache(config.loss, train_data.manifest)
     heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
+    hidden_term = _hidden_term(config, model, train_data.manifest.hidden, precision.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    if hidden_term is not None:  # trained with the adapters, after them (the optimizer's state is by position)
+        params += list(hidden_term.projector.parameters())
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
-    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist)
+    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist,
+                            projector=None if hidden_term is None else hidden_term.projector)
     saved_step = None if state is None else state.step
     if state is None:
         state = TrainState()
         _seed_rank(config.seed, dist)
     objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
-                                      config.loss.confidence_weight)
+                                      config.loss.confidence_weight, hidden_term)
     step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
     run = _Run(config, precision, dist, out, tokenizer, model, step_module, params, optimizer, scheduler, scaler,
-               train_data, heldout, saved_step)
+               train_data, heldout, saved_step, hidden_term)
     if dist.is_main:
         record_config(out, config, changes, state.step)
     run_log = RunLog(out, state.step, config.tensorboard, active=dist.is_main)
@@ -286,10 +312,21 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     bar.close()
     run_log.close()
     if (state.step >= config.max_steps or stopped_early) and dist.is_main:
-        save_student(model, tokenizer, out / "final")
+        save_student(model, tokenizer, out / "final", run.projector)
     dist.barrier()
     return TrainResult(out=str(out), step=state.step, evals=state.evals, stopped_early=stopped_early,
                        is_main=dist.is_main)
+
+
+def _hidden_term(config: TrainConfig, model, info, device) -> HiddenTerm | None:
+    """The hidden-state term of a run with loss.hidden_weight > 0: the student layers matched to the cache's, and a
+    projector from each to the cache's space (initialised from the run's seed, fp32, on the student's device)."""
+    if config.loss.hidden_weight == 0:
+        return None
+    layers = student_layers_for(info, model, config.hidden_student_layers)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    projector = HiddenProjector(int(text.hidden_size), info.dim, len(layers)).to(device)
+    return HiddenTerm(projector, layers, info.positions, config.loss.hidden_kind, config.loss.hidden_weight)
 
 
 def _optimizer_step(run: _Run, batches: _Batches, step: int) -> dict:
@@ -337,13 +374,13 @@ def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> b
     """Held-out figures at ``state.step``, logged and kept in ``state``; a new best is saved to best/. True when
     ``patience`` evaluations have passed without a new best (stop early)."""
     metrics = {"step": state.step, **evaluate(run.model, run.heldout, run.config.loss, run.precision,
-                                              run.config.chunk_size, run.dist)}
+                                              run.config.chunk_size, run.dist, run.hidden_term)}
     run_log.write(metrics)
     state.evals.append(metrics)
     if state.best is None or metrics["heldout_kd"] < state.best:
         state.best, state.evals_since_best = metrics["heldout_kd"], 0
         if run.dist.is_main:
-            save_student(run.model, run.tokenizer, run.out / "best")
+            save_student(run.model, run.tokenizer, run.out / "best", run.projector)
     else:
         state.evals_since_best += 1
     return run.config.patience is not None and state.evals_since_best >= run.config.patience
@@ -361,11 +398,14 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     return record
 
 
-def save_student(model, tokenizer, folder: Path) -> None:
-    """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers."""
+def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | None = None) -> None:
+    """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers; a hidden-state
+    projector goes beside it (hidden_projector.safetensors, which export leaves out)."""
     staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if projector is not None:
+        projector.save(staging)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
