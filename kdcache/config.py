@@ -121,6 +121,39 @@ class GenerateConfig:
 
 
 @dataclass
+class HiddenConfig:
+    """Teacher hidden states stored beside the logits (docs/format.md), for a hidden-state loss in the trainer.
+
+    layers: which of the teacher's hidden states, each an index into transformers' ``output_hidden_states``
+        (0 = embeddings, i = after block i, negative from the end), a fraction of depth in (0, 1), or "last" (after
+        the final norm); [] stores none (the default).
+    positions: "target": the hidden state that predicts each target (position t - 1, as the logits); "all": every
+        token's.
+    reduction: fixed at build time and recorded in the plan: "random" (a seeded random orthogonal projection to
+        ``dim``), "pca" (the top ``dim`` principal directions of ``pca_rows`` rows of the first shard) or "none".
+    dtype: "float16", or "int8" with one float32 scale per row and layer.
+    """
+
+    layers: list[int | float | str] = field(default_factory=list)
+    positions: Literal["target", "all"] = "target"
+    reduction: Literal["random", "pca", "none"] = "random"
+    dim: int = 256
+    dtype: Literal["float16", "int8"] = "float16"
+    seed: int = 0  # reduction=random: the projection's seed
+    pca_rows: int = 4096  # reduction=pca: rows of the first shard the basis is fitted on (at most)
+
+    def __post_init__(self) -> None:
+        for value in self.layers:
+            if isinstance(value, bool) or not (isinstance(value, int) or value == "last" or (
+                    isinstance(value, float) and 0 < value < 1)):
+                raise ConfigValueError("layers", 'a list of layer indices, fractions in (0, 1) or "last"', self.layers)
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ConfigValueError("dim", "a positive integer", self.dim)
+        if isinstance(self.pca_rows, bool) or not isinstance(self.pca_rows, int) or self.pca_rows < 2:
+            raise ConfigValueError("pca_rows", "an integer >= 2", self.pca_rows)
+
+
+@dataclass
 class CacheBuildConfig:
     """Everything `kdcache cache build` needs; the parts that shape the cache go into its manifest."""
 
@@ -130,6 +163,7 @@ class CacheBuildConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sparsifier: SparsifierConfig = field(default_factory=SparsifierConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
     tokenizer: str | None = None  # defaults to the teacher's own
     max_length: int = 1024  # longest sequence in tokens; prompts are cut from the left to fit
     shard_size: int = 1024  # examples per shard
@@ -332,6 +366,10 @@ class LossConfig:
         temperatures are refused), ``interpolate`` (between stored temperatures, with a bounded error) or
         ``single_atom`` (the tail tempered as one token: the inexact pre-v2 behaviour, for old caches and
         comparisons).
+    hidden_weight: weight of the hidden-state term added on top (Gemma's ``beta_mse``; needs a cache with hidden
+        states, docs/losses.md); 0 = off.
+    hidden_kind: ``mse`` (mean squared error per dimension) or ``cosine`` (1 - cosine similarity) between the
+        projected student hidden state and the cached teacher one.
     """
 
     kind: LossKind = "forward_kl"
@@ -344,8 +382,14 @@ class LossConfig:
     top_k: int | None = None
     confidence_weight: bool = False
     tail_mode: TailMode = "exact"
+    hidden_weight: float = 0.0
+    hidden_kind: Literal["mse", "cosine"] = "mse"
 
     def __post_init__(self) -> None:
+        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
+            raise ConfigValueError("hidden_weight", "a finite number >= 0", self.hidden_weight)
+        if self.hidden_kind not in ("mse", "cosine"):
+            raise ConfigValueError("hidden_kind", "one of mse, cosine", self.hidden_kind)
         if self.tail_mode not in TAIL_MODES:
             raise ConfigValueError("tail_mode", f"one of {', '.join(TAIL_MODES)}", self.tail_mode)
         if self.kind not in LOSS_KINDS:
@@ -428,6 +472,9 @@ class TrainConfig:
     # Resume a run folder whose checkpoint was trained with other settings (kdcache/train/run_config.py): the
     # differences are logged, and the settings each part of the run was trained with are kept.
     allow_config_change: bool = False
+    # loss.hidden_weight > 0: the student layer matched to each cached teacher layer (output_hidden_states indices);
+    # [] maps them uniformly (teacher layer t <-> student layer round(t * L_s / L_t)).
+    hidden_student_layers: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -235,7 +235,7 @@ def _heldout_kd(cache: str, student: str) -> float:
     from kdcache.config import LoraConfig, LossConfig
     from kdcache.train.loader import CacheDataset
     from kdcache.train.student import load_student, resolve_precision
-    from kdcache.train.trainer import evaluate
+    from kdcache.train.heldout import evaluate
 
     precision = resolve_precision("cpu", True)
     heldout = CacheDataset(cache, split="heldout", heldout_fraction=HELDOUT_FRACTION, batch_size=16, shuffle=False)

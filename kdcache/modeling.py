@@ -19,8 +19,10 @@ from kdcache.errors import BadInputError
 __all__ = [
     "DTYPES",
     "decoder_of",
+    "decoder_depth",
     "final_hidden_states",
     "is_encoder_decoder",
+    "layer_hidden_states",
     "load_causal_lm",
     "load_tokenizer",
     "looks_like_local_path",
@@ -129,6 +131,24 @@ def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Ten
     if decoder is None:
         raise ValueError(f"{type(model).__name__} exposes no decoder apart from its LM head (get_decoder())")
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def layer_hidden_states(model, input_ids: Tensor, attention_mask: Tensor,
+                        layers: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+    """The decoder's last hidden states [B, L, H] and its hidden states ``layers`` (indices into
+    ``output_hidden_states``: 0 = embeddings, i = after block i, the last = after the final norm), each [B, L, H],
+    from one forward pass without logits."""
+    decoder = decoder_of(model)
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} exposes no decoder apart from its LM head (get_decoder())")
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+    return out.last_hidden_state, [out.hidden_states[i] for i in layers]
+
+
+def decoder_depth(model) -> int:
+    """The number of decoder blocks (``output_hidden_states`` has one more entry: the embeddings)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
 
 
 def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor) -> Tensor:

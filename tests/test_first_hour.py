@@ -242,7 +242,7 @@ def test_heldout_figures_on_answer_tokens_leave_out_exactly_the_eos_targets(shar
     from kdcache.config import LoraConfig, LossConfig
     from kdcache.train.loader import CacheDataset
     from kdcache.train.student import load_student, resolve_precision
-    from kdcache.train.trainer import evaluate
+    from kdcache.train.heldout import evaluate
 
     heldout = CacheDataset(sharp_cache, split="heldout", heldout_fraction=0.5, batch_size=4, shuffle=False)
     precision = resolve_precision("cpu", True)

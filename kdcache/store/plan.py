@@ -18,6 +18,7 @@ from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
 from kdcache.store import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from kdcache.store.fingerprint import canonical_json, rows_fingerprint, tokenizer_fingerprint
+from kdcache.store.hidden import HiddenInfo
 from kdcache.store.schema import FieldError, Record, check_at_least, omitted_when_none
 
 #: The first format version whose commit records and manifest carry the plan's hash (and must).
@@ -137,6 +138,7 @@ class Plan(Record):
     shard_size: int
     num_shards: int
     generate: GenerateInfo | None = omitted_when_none()  # absent from teacher-forced caches' plans
+    hidden: HiddenInfo | None = omitted_when_none()  # teacher hidden states (kdcache.store.hidden); absent: none
 
     def __post_init__(self) -> None:
         if self.format_version not in READABLE_FORMAT_VERSIONS:
@@ -169,7 +171,7 @@ def tail_route_stores_no_grid(config: CacheBuildConfig) -> bool:
 
 
 def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_rows: int = 0,
-              stop_ids: list[int] | None = None) -> Plan:
+              stop_ids: list[int] | None = None, hidden: HiddenInfo | None = None) -> Plan:
     """Everything that shapes the cache's content (and so must agree between workers and across resumes)."""
     if config.sparsifier.k < 1:
         raise BadInputError("sparsifier.k must be at least 1")
@@ -216,6 +218,7 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
         shard_size=config.shard_size,
         num_shards=max(1, -(-len(rows) // config.shard_size)),
         generate=generate,
+        hidden=hidden,
     )
 
 

@@ -30,6 +30,8 @@ class CachedExample:
     record: dict
     tail_tempered: np.ndarray | None = None  # [targets, G]: the tail's log-partition at the cache's tail temperatures
     prompt_length: int | None = None  # tokens before the target text (set for re-tokenised examples; None: unknown)
+    hidden_states: np.ndarray | None = None  # [targets or tokens, C, dim] as stored (kdcache.store.hidden)
+    hidden_scale: np.ndarray | None = None  # [targets or tokens, C]: int8 hidden states' scales
 
     @property
     def key(self) -> tuple[int, int]:
@@ -104,9 +106,14 @@ class CacheReader:
 def split_examples(data: ShardData) -> Iterator[CachedExample]:
     """Cut a shard's flat arrays into per-example views."""
     records = data.records.to_pylist()
+    # Hidden rows are one per target, or one per token (positions: all); position 0 is never a target, so a shard
+    # with tokens never has as many targets as tokens and the row count tells which.
+    hidden_by_token = data.hidden_states is not None and data.num_tokens > 0 and (
+        data.hidden_states.shape[0] == data.num_tokens)
     for e in range(data.num_examples):
         t0, t1 = int(data.offsets[e]), int(data.offsets[e + 1])
         s0, s1 = int(data.target_offsets[e]), int(data.target_offsets[e + 1])
+        h0, h1 = (t0, t1) if hidden_by_token else (s0, s1)
         yield CachedExample(
             index=int(records[e]["example_index"]),
             input_ids=data.input_ids[t0:t1],
@@ -117,4 +124,6 @@ def split_examples(data: ShardData) -> Iterator[CachedExample]:
             sample_counts=None if data.sample_counts is None else data.sample_counts[s0:s1],
             record=records[e],
             tail_tempered=None if data.tail_tempered is None else data.tail_tempered[s0:s1],
+            hidden_states=None if data.hidden_states is None else data.hidden_states[h0:h1],
+            hidden_scale=None if data.hidden_scale is None else data.hidden_scale[h0:h1],
         )

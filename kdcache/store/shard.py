@@ -34,6 +34,8 @@ class ShardData:
     sample_counts: np.ndarray | None  # uint16 [targets, k]; sample sparsifier
     records: pa.Table  # one row per example
     tail_tempered: np.ndarray | None = None  # float32 [targets, G]: the tail's log-partition at each tail temperature
+    hidden_states: np.ndarray | None = None  # float16 or int8 [targets or tokens, C, dim] (kdcache.store.hidden)
+    hidden_scale: np.ndarray | None = None  # float32 [targets or tokens, C]: int8 hidden states' per-row scale
 
     @property
     def num_examples(self) -> int:
@@ -59,6 +61,8 @@ class ShardData:
             "tail_logmass": self.tail_logmass,
             "sample_counts": self.sample_counts,
             "tail_tempered": self.tail_tempered,
+            "hidden_states": self.hidden_states,
+            "hidden_scale": self.hidden_scale,
         }
         return {name: value for name, value in named.items() if value is not None}
 
@@ -124,4 +128,6 @@ def _shard_data(group, records: pa.Table) -> ShardData:
         sample_counts=get("sample_counts"),
         records=records,
         tail_tempered=get("tail_tempered"),
+        hidden_states=get("hidden_states"),
+        hidden_scale=get("hidden_scale"),
     )

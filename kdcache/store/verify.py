@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from kdcache.errors import CacheFormatError
+from kdcache.store.hidden import check_hidden_arrays, read_basis
 from kdcache.store.integrity import ShardDamaged, load_shard
 from kdcache.store.location import PLAN_FILE, CacheLocation
 from kdcache.store.manifest import COUNT_FIELDS, CommitRecord, Manifest, read_manifest, read_plan
@@ -52,6 +53,9 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
     for good, message in checks:
         if not good:
             return message
+    problem = check_hidden_arrays(manifest.hidden, data)
+    if problem:
+        return problem
     per_example = np.add.reduceat(data.target_mask.astype(np.int64), data.offsets[:-1]) if data.num_examples else []
     if data.num_examples and not np.array_equal(per_example, np.diff(data.target_offsets)):
         return "per-example target counts disagree between target_mask and target_offsets"
@@ -114,6 +118,11 @@ def verify_cache(url: str, storage_options: dict | None = None,
         return VerifyReport(ok=False, problems=[str(exc)])
     if problem:
         return VerifyReport(ok=False, problems=[problem])
+    if manifest.hidden is not None and manifest.hidden.basis_file is not None:
+        try:
+            read_basis(location, manifest.hidden)  # present, its sha256 the plan's, its shape the plan's
+        except CacheFormatError as exc:
+            return VerifyReport(ok=False, problems=[str(exc)])
     report = VerifyReport(ok=True)
     shards = manifest.shards  # as many as num_shards, each at its index: read_manifest checked
     for key in COUNT_FIELDS:

@@ -35,6 +35,7 @@ from kdcache.store.writer import commit_shard
 from kdcache.targets import SparseTargets
 from kdcache.teacher.backend import TEACHER_BACKENDS, TeacherBackend
 from kdcache.teacher.generate import check_generate_config, generate_answers, stop_token_ids
+from kdcache.teacher.hidden import HiddenPlan, check_hidden_config, plan_hidden
 from kdcache.teacher.sparsify import example_uniforms, sample_with_counts, topk_with_tail
 
 log = logging.getLogger("kdcache.build")
@@ -143,10 +144,13 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
 class ShardScorer:
     """Runs a backend over one shard's examples in length-sorted batches and assembles the shard's arrays."""
 
-    def __init__(self, config: CacheBuildConfig, backend: TeacherBackend, progress=None):
+    def __init__(self, config: CacheBuildConfig, backend: TeacherBackend, progress=None,
+                 hidden: HiddenPlan | None = None):
         self.config = config
         self.backend = backend
         self.progress = progress
+        self.hidden = hidden
+        self.hidden_rows: list[np.ndarray] = []  # with `hidden`: each example's reduced rows, of the last shard scored
         # The plan's tail temperatures (none on a route that cannot compute them, see store.plan).
         no_grid = config.sparsifier.kind != "topk" or tail_route_stores_no_grid(config)
         self.tail_temperatures: tuple[float, ...] = () if no_grid else tuple(config.sparsifier.tail_temperatures)
@@ -162,6 +166,7 @@ class ShardScorer:
         """The SparseTargets of each example, in the order given."""
         spec = self.config.sparsifier
         per_example: list[SparseTargets | None] = [None] * len(examples)
+        per_hidden: list[np.ndarray | None] = [None] * len(examples)
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].encoded.input_ids))
         for start in range(0, len(order), self.config.teacher.batch_size):
             batch = order[start : start + self.config.teacher.batch_size]
@@ -173,7 +178,16 @@ class ShardScorer:
                 uniforms = torch.cat(
                     [example_uniforms(spec.seed, examples[i].row_index, n, spec.k) for i, n in zip(batch, counts)]
                 )
-            chunks = self.backend.score(ids, masks, self._sparsifier(uniforms))
+            if self.hidden is None:
+                chunks = self.backend.score(ids, masks, self._sparsifier(uniforms))
+            else:
+                info = self.hidden.info
+                chunks, rows = self.backend.score_with_hidden(ids, masks, self._sparsifier(uniforms), info.layers,
+                                                              info.positions, self.hidden.reduce)
+                sizes = counts if info.positions == "target" else [len(x) for x in ids]
+                split = np.split(torch.cat(rows).numpy() if rows else np.zeros((0,)), np.cumsum(sizes)[:-1])
+                for i, part in zip(batch, split):
+                    per_hidden[i] = part.reshape(-1, len(info.layers), info.dim)
             merged = SparseTargets.cat(chunks)
             offset = 0
             for i, n in zip(batch, counts):
@@ -181,7 +195,14 @@ class ShardScorer:
                 offset += n
             if self.progress is not None:
                 self.progress.update(len(batch), sum(len(x) for x in ids), sum(counts))
+        self.hidden_rows = per_hidden if self.hidden is not None else []
         return per_example
+
+    def with_hidden(self, data: ShardData) -> ShardData:
+        """`data` with the hidden states of the shard last scored (itself when the plan stores none)."""
+        if self.hidden is None:
+            return data
+        return dataclasses.replace(data, **self.hidden.shard_arrays(self.hidden_rows))
 
     def assemble(self, examples: list[Prepared], sparse: list[SparseTargets]) -> ShardData:
         spec = self.config.sparsifier
@@ -276,6 +297,7 @@ def check_build_config(config: CacheBuildConfig) -> None:
     if config.teacher.batch_size < 1 or config.teacher.chunk_size < 1:
         raise BadInputError("teacher.batch_size and teacher.chunk_size must be at least 1")
     check_generate_config(config)
+    check_hidden_config(config)
 
 
 def check_ids(config: CacheBuildConfig, rows: list[Row]) -> None:
@@ -334,8 +356,16 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     stop_ids = None
     if config.generate.enabled:
         stop_ids = stop_token_ids(tokenizer, config.teacher.model, config.teacher.revision)
-    plan = make_plan(config, tokenizer, rows, len(unparsed), stop_ids)
     location = CacheLocation(config.output)
+    hidden = None
+    if config.hidden.layers:  # before the plan, which records the reduction's basis (pca loads the teacher here)
+        if config.hidden.reduction == "pca":
+            backend = backend or make_backend(config, len(tokenizer))
+        first, _ = prepare_rows(dataclasses.replace(config, skip_bad_rows=True), tokenizer,
+                                rows[: config.shard_size], 0)
+        with storage_errors(f"writing the hidden-state basis of {config.output}"):
+            hidden = plan_hidden(config, location, backend, [e.encoded.input_ids for e in first])
+    plan = make_plan(config, tokenizer, rows, len(unparsed), stop_ids, hidden.info if hidden else None)
     with storage_errors(f"writing the plan of {config.output}"):
         hashed = write_or_check_plan(location, plan)  # refuses a cache (or a worker's) with other settings
     result = BuildResult(output=config.output, bad_rows=list(unparsed))
@@ -344,7 +374,8 @@ def build_cache(config: CacheBuildConfig, backend: TeacherBackend | None = None,
     pending = [i for i in mine if i not in done]
     result.shards_skipped = [i for i in mine if i in done]
     if pending:
-        writer = _ShardWriter(config, tokenizer, rows, backend, stop_ids, location, plan.num_shards, pending, hashed)
+        writer = _ShardWriter(config, tokenizer, rows, backend, stop_ids, location, plan.num_shards, pending, hashed,
+                              hidden)
         # Each shard is claimed before it is built (a second build of it is refused, see store.lock), and the next
         # one before this one is let go, so a build started meanwhile meets a claim before it writes anything.
         with ShardClaims(location) as claims, writer:
@@ -379,8 +410,10 @@ class _ShardWriter:
     """Builds and commits one shard at a time; the teacher is loaded when the first shard's rows are ready."""
 
     def __init__(self, config: CacheBuildConfig, tokenizer, rows: list[Row], backend: TeacherBackend | None,
-                 stop_ids, location: CacheLocation, num_shards: int, pending: list[int], plan_hash: str):
+                 stop_ids, location: CacheLocation, num_shards: int, pending: list[int], plan_hash: str,
+                 hidden: HiddenPlan | None = None):
         self.config, self.tokenizer, self.rows, self.backend, self.stop_ids = config, tokenizer, rows, backend, stop_ids
+        self.hidden = hidden
         self.location, self.num_shards, self.plan_hash = location, num_shards, plan_hash
         self.answers_per_row = config.generate.num_samples if config.generate.enabled else 1
         self.todo_rows = sum(len(rows[i * config.shard_size : (i + 1) * config.shard_size]) for i in pending)
@@ -396,13 +429,13 @@ class _ShardWriter:
         if self.scorer is None:
             self.backend = self.backend or make_backend(config, len(self.tokenizer))
             self.progress = BuildProgress(self.todo_rows * self.answers_per_row, config.progress)
-            self.scorer = ShardScorer(config, self.backend, self.progress)
+            self.scorer = ShardScorer(config, self.backend, self.progress, self.hidden)
         if config.generate.enabled:
             self.progress.bar.set_description("teacher answering")
             examples = generate_answers(config, self.tokenizer, self.backend, examples, self.stop_ids)
             self.progress.bar.set_description("cache build")
         examples = [with_char_spans(self.tokenizer, e) for e in examples]
-        data = self.scorer.assemble(examples, self.scorer.score_shard(examples))
+        data = self.scorer.with_hidden(self.scorer.assemble(examples, self.scorer.score_shard(examples)))
         self.progress.bar.update(len(bad) * self.answers_per_row)
         size = sum(a.nbytes for a in data.arrays().values()) + data.records.nbytes
         with storage_errors(f"writing shard {index} ({size / 1e6:.1f} MB before compression) of {config.output}",

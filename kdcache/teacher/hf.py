@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kdcache.config import GenerateConfig, TeacherConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import load_causal_lm, output_logits, resolve_device, row_chunks, target_hidden_states
+from kdcache.modeling import (layer_hidden_states, load_causal_lm, output_logits, resolve_device, row_chunks,
+                              target_hidden_states)
 from kdcache.targets import SparseTargets
 from kdcache.teacher.backend import Sparsifier
 
@@ -27,7 +30,6 @@ class HFTeacher:
                 "together"
             )
 
-    @torch.inference_mode()
     def score(
         self,
         batch_ids: list[list[int]],
@@ -39,6 +41,17 @@ class HFTeacher:
         Token t is a target when mask[t]; its distribution is read from the hidden state at t - 1. Logits exist only
         for `chunk_size` rows at a time, and columns past the tokenizer's vocabulary (embedding padding) are dropped.
         """
+        return self.score_with_hidden(batch_ids, batch_masks, sparsify)[0]
+
+    @torch.inference_mode()
+    def score_with_hidden(self, batch_ids: list[list[int]], batch_masks: list[list[bool]], sparsify: Sparsifier,
+                          layers: tuple[int, ...] = (), positions: str = "target",
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          ) -> tuple[list[SparseTargets], list[torch.Tensor]]:
+        """:meth:`score`, plus the hidden states ``layers`` (indices into ``output_hidden_states``) from the same
+        forward pass: ``reduce`` maps each chunk of rows ``[n, len(layers), H]`` to what is kept (on the CPU). Rows are
+        the positions that predict the targets (``positions="target"``, the logits' rows) or every token of every
+        sequence (``"all"``), example by example, positions ascending."""
         length = max(len(ids) for ids in batch_ids)
         input_ids = torch.zeros((len(batch_ids), length), dtype=torch.long)
         attention = torch.zeros((len(batch_ids), length), dtype=torch.long)
@@ -47,13 +60,25 @@ class HFTeacher:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             target[row, : len(ids)] = torch.tensor(mask)
-        selected = target_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device),
-                                        target.to(self.device))  # row-major: example by example, positions in order
+        input_ids, attention, target = input_ids.to(self.device), attention.to(self.device), target.to(self.device)
+        hidden_rows: list[torch.Tensor] = []
+        if layers:
+            final, chosen = layer_hidden_states(self.model, input_ids, attention, layers)
+            rows, cols = target.nonzero(as_tuple=True)
+            if cols.numel() and bool((cols == 0).any()):
+                raise ValueError("position 0 cannot be a target: nothing before it predicts it")
+            selected = final[rows, cols - 1]
+            at_rows, at_cols = (rows, cols - 1) if positions == "target" else attention.bool().nonzero(as_tuple=True)
+            for part in row_chunks(at_rows.shape[0], self.config.chunk_size):
+                stacked = torch.stack([h[at_rows[part], at_cols[part]] for h in chosen], dim=1)
+                hidden_rows.append((reduce or (lambda x: x))(stacked).cpu())
+        else:
+            selected = target_hidden_states(self.model, input_ids, attention, target)  # row-major: example by example
         chunks = []
         for rows in row_chunks(selected.shape[0], self.config.chunk_size):
             logits = output_logits(self.model, selected[rows])[:, : self.vocab_size]
             chunks.append(sparsify(logits, rows))
-        return chunks
+        return chunks, hidden_rows
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerateConfig, seeds: list[int],

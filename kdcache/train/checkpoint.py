@@ -44,6 +44,7 @@ POINTER = "checkpoint.json"
 PREFIX = "checkpoint-"
 TRAINABLE, TENSORS, STATE, TRAINER_STATE = ("trainable.safetensors", "state.safetensors", "state.json",
                                             "trainer_state.json")
+PROJECTOR_PREFIX = "hidden_projector."  # the hidden-state projector's parameters in trainable.safetensors
 LEGACY = "checkpoint"  # the single checkpoint folder of kdcache before generations (state.pt, a pickle)
 _GENERATION = re.compile(r"checkpoint-(\d+)")
 _LEFTOVER = re.compile(r"\.checkpoint-\d+\.tmp-.*|\.checkpoint\.json\.tmp-.*|\.checkpoint\.old|\.checkpoint\.tmp-.*")
@@ -177,7 +178,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader, state: TrainState,
-                    dist: Distributed | None = None) -> None:
+                    dist: Distributed | None = None, projector: torch.nn.Module | None = None) -> None:
     """Write a new generation and point to it (see the module docstring).
 
     Model, optimizer, scheduler and scaler are the same on every rank; the loader position and RNG state are each
@@ -190,7 +191,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader, stat
         contents = {"world_size": dist.world_size, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank]}
-        write_generation(Path(out), trainable_state(model), contents, state)
+        trainable = trainable_state(model)
+        if projector is not None:
+            trainable.update({PROJECTOR_PREFIX + n: p.detach().cpu().clone() for n, p in projector.named_parameters()})
+        write_generation(Path(out), trainable, contents, state)
     dist.barrier()
 
 
@@ -370,7 +374,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader,
-                    dist: Distributed | None = None) -> TrainState | None:
+                    dist: Distributed | None = None, projector: torch.nn.Module | None = None) -> TrainState | None:
     """Restore the newest complete checkpoint (each rank takes its own loader position and RNG state); None when
     the run folder has none."""
     dist = dist or Distributed()
@@ -386,7 +390,13 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader,
             f"(torchrun --nproc_per_node {len(loaders)}), or train into a new --out"
         )
     params = dict(model.named_parameters())
+    if projector is not None:
+        params.update({PROJECTOR_PREFIX + n: p for n, p in projector.named_parameters()})
     for name, value in found.trainable.items():
+        if name not in params:
+            raise BadInputError(f"the checkpoint in {found.folder} holds {name}, which this run does not train (it "
+                                "was trained with another loss.hidden_weight or student): resume with the same "
+                                "settings, or train into a new --out")
         params[name].data.copy_(value)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

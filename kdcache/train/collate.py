@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.hidden import decode
 from kdcache.store.reader import CachedExample
 from kdcache.targets import SparseTargets
 from kdcache.train.batching import round_up
@@ -36,6 +37,9 @@ class CacheBatch:
     epoch: int = 0
     worker: int = 0  # the logical worker that produced the batch (resume bookkeeping)
     load_seconds: float = 0.0  # time the producer spent reading shards, decoding and collating for this batch
+    # float32 [N or real tokens, C, dim]: the teacher's hidden states, decoded (caches that store them), one row per
+    # target or per real token in row-major order (of target_mask or attention_mask)
+    hidden: Tensor | None = None
 
     @property
     def num_targets(self) -> int:
@@ -58,6 +62,7 @@ class CacheBatch:
             epoch=self.epoch,
             worker=self.worker,
             load_seconds=self.load_seconds,
+            hidden=None if self.hidden is None else fn(self.hidden),
         )
 
     def to(self, device, non_blocking: bool = False) -> CacheBatch:
@@ -145,7 +150,11 @@ def collate_examples(
     )
     if k_prime is not None and k_prime < targets.ids.shape[1]:
         targets = top_k_truncate(targets, k_prime).map(Tensor.contiguous)
+    hidden = None
+    if examples[0].hidden_states is not None:
+        hidden = cat([decode(e.hidden_states, e.hidden_scale) for e in examples], np.float32)
     return CacheBatch(
+        hidden=hidden,
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention),
         target_mask=torch.from_numpy(target),

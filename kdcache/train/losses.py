@@ -390,14 +390,20 @@ def combine_terms(
     kd_sum: Tensor | None,
     kd_den: Tensor | int | None,
     alpha: float,
+    *,
+    hidden_sum: Tensor | None = None,
+    hidden_den: Tensor | int | None = None,
+    hidden_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``total = alpha * ce_sum / ce_den + (1 - alpha) * kd_sum / kd_den``: the hard/soft mix, written once.
+    """``total = alpha * ce_sum / ce_den + (1 - alpha) * kd_sum / kd_den [+ hidden_weight * hidden_sum / hidden_den]``:
+    the hard/soft mix, plus the hidden-state term (Gemma's CE + KL + beta * MSE), written once.
 
     Each term is a weighted mean given as (numerator, denominator) from :func:`weighted_sum`, over one chunk or
     summed over chunks.  A term whose coefficient is 0 is skipped (its sums may be ``None``), and a coefficient of 1
     multiplies nothing, so alpha = 1 is exactly the CE mean and alpha = 0 exactly the KD mean.
 
-    Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"`` means for the terms computed.
+    Returns ``(total, parts)`` with ``parts`` holding detached ``"ce"`` / ``"kd"`` / ``"hidden"`` means for the terms
+    computed.
     """
     parts: dict[str, Tensor] = {}
     total: Tensor | None = None
@@ -410,6 +416,10 @@ def combine_terms(
         parts["kd"] = kd.detach()
         kd_term = kd if alpha == 0 else (1.0 - alpha) * kd
         total = kd_term if total is None else total + kd_term
+    if hidden_weight > 0:
+        hidden = hidden_sum / hidden_den
+        parts["hidden"] = hidden.detach()
+        total = total + hidden_weight * hidden
     assert total is not None
     return total, parts
 

@@ -22,6 +22,7 @@ from kdcache.modeling import (is_encoder_decoder, output_logits, row_chunks, seq
                               target_hidden_states)
 from kdcache.targets import SparseTargets
 from kdcache.train.fused import ce_and_kd
+from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.losses import (
     LossConfig,
     combine_terms,
@@ -166,6 +167,8 @@ def chunked_distillation_loss(
     weights: Tensor | None = None,
     checkpoint_chunks: bool = True,
     prompt_lengths: Tensor | None = None,
+    hidden_term: HiddenTerm | None = None,
+    hidden_targets: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``alpha * CE(labels) + (1 - alpha) * KD`` over all target positions, equal to
     :func:`kdcache.train.losses.distillation_loss` on the gathered full logits, without ever building them.
@@ -180,6 +183,9 @@ def chunked_distillation_loss(
     checkpoint_chunks: recompute each chunk's logits in backward (set False only to trade memory for speed).
     prompt_lengths: [B] tokens before the target text; an encoder-decoder student reads them with its encoder and the
         targets on its decoder side (:func:`student_hidden_states`). Unused for a causal LM.
+    hidden_term, hidden_targets: the hidden-state term (``hidden_term.weight`` times the mean of
+        :func:`kdcache.train.hidden.hidden_state_loss` between the projected student layers and ``hidden_targets``
+        ``[R, C, d]``: the cache's rows, one per target or per real token, row-major), from the same decoder pass.
 
     Normalisation is global, not per chunk: each term is ``sum_i w_i l_i / sum_i w_i`` over all N positions (CE also
     skipping labels of -100). Returns ``(loss, parts)`` with detached ``"ce"`` / ``"kd"`` for the computed terms.
@@ -188,11 +194,21 @@ def chunked_distillation_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_vocab_size(model, vocab_size)
     dtype = _loss_dtype(model)
-    hidden = student_hidden_states(model, input_ids, attention_mask, target_mask, prompt_lengths)
+    extra = {}
+    if hidden_term is None or hidden_term.weight == 0:
+        hidden = student_hidden_states(model, input_ids, attention_mask, target_mask, prompt_lengths)
+    else:
+        if hidden_targets is None:
+            raise ValueError("a hidden term needs the cache's hidden states (hidden_targets)")
+        hidden, chosen = student_rows(model, input_ids, attention_mask, target_mask, hidden_term.student_layers,
+                                      hidden_term.positions)
+        distance = hidden_state_loss(hidden_term.projector(chosen), hidden_targets, hidden_term.kind)
+        hidden_sum, hidden_den = weighted_sum(distance)
+        extra = dict(hidden_sum=hidden_sum, hidden_den=hidden_den, hidden_weight=hidden_term.weight)
     rows = _loss_rows(hidden, input_ids, target_mask, targets, labels, weights, loss_config.alpha, dtype)
     ce_den, kd_den = _denominators(rows, dtype)
     sums = _summed_over_chunks(model, loss_config, vocab_size, dtype, rows, chunk_size, checkpoint_chunks)
-    return combine_terms(sums[0], ce_den, sums[1], kd_den, loss_config.alpha)
+    return combine_terms(sums[0], ce_den, sums[1], kd_den, loss_config.alpha, **extra)
 
 
 class DistillationObjective(nn.Module):
@@ -208,9 +224,11 @@ class DistillationObjective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, losses: LossConfig, chunk_size: int, vocab_size: int,
-                 confidence_weight: bool):
+                 confidence_weight: bool, hidden_term: HiddenTerm | None = None):
         super().__init__()
         self.model = model
+        self.hidden_term = hidden_term
+        self.projector = None if hidden_term is None else hidden_term.projector  # a submodule: DDP reduces it too
         self.losses = losses
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
@@ -222,7 +240,7 @@ class DistillationObjective(nn.Module):
         return chunked_distillation_loss(
             self.model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels,
             self.losses, chunk_size=self.chunk_size, vocab_size=self.vocab_size, weights=weights,
-            prompt_lengths=batch.prompt_lengths)
+            prompt_lengths=batch.prompt_lengths, hidden_term=self.hidden_term, hidden_targets=batch.hidden)
 
 
 def check_loss_for_cache(loss: LossConfig, manifest) -> None:

@@ -26,15 +26,16 @@ import torch
 
 from kdcache.config import TrainConfig
 from kdcache.errors import BadInputError
-from kdcache.modeling import check_model_source, load_tokenizer, output_logits, row_chunks
+from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.crosstok import tokenizer_role
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.epochs import planned_steps
+from kdcache.train.heldout import evaluate, run_summary
+from kdcache.train.hidden import HiddenProjector, HiddenTerm, check_hidden_for_cache, student_layers_for
 from kdcache.train.loader import CacheDataset
-from kdcache.train.losses import LossConfig, kd_loss
-from kdcache.train.objective import DistillationObjective, check_loss_for_cache, student_hidden_states
+from kdcache.train.objective import DistillationObjective, check_loss_for_cache
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
@@ -63,87 +64,6 @@ def lr_lambda(config: TrainConfig):
         progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@torch.no_grad()
-def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
-             dist: Distributed | None = None, eos_id: int | None = None) -> dict:
-    """Held-out distillation loss (the run's own, alpha = 0), forward KL at T = 1 on the (k+1) buckets (comparable
-    across runs with different losses), and agreement of the student's top-1 with the teacher's top-1.
-
-    With ``eos_id``, the same three figures also on the answer tokens alone (`*_answer`: target positions whose
-    token is not EOS). The EOS after a short answer is a near-certain target that both models get right, so it
-    inflates the all-targets figures; the answer-token ones are what a label's quality depends on.
-
-    Under DDP each rank scores its own share of the held-out shards and the sums are added over ranks, so every
-    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision)."""
-    model.eval()
-    vocab = dataset.vocab_size
-    if dataset.view is not None:  # another tokenizer: the cached ids are not the student's
-        return _evaluate_cross_tokenizer(model, dataset, losses, precision, chunk_size, dist)
-    kd_only = losses.with_ce_weight(0.0)
-    common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
-    sums = torch.zeros(2, 4, dtype=torch.float64)  # [all targets, answer tokens] x [kd, forward KL, agree, count]
-    for batch in dataset:
-        batch = batch.to(precision.device)
-        with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
-                            enabled=precision.autocast_dtype is not None):
-            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
-                                             batch.prompt_lengths)
-        for part in row_chunks(selected.shape[0], chunk_size):
-            logits = output_logits(model, selected[part]).float()[:, :vocab]
-            targets = batch.targets[part]
-            rows = torch.stack([kd_loss(kd_only, logits, targets, reduction="none").double(),
-                                kd_loss(common, logits, targets, reduction="none").double(),
-                                (logits.argmax(-1) == targets.ids[:, 0].long()).double(),
-                                torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)]).cpu()
-            answer = (batch.labels[part] != eos_id).cpu() if eos_id is not None else torch.ones(rows.shape[1], dtype=bool)
-            sums[0] += rows.sum(1)
-            sums[1] += rows[:, answer].sum(1)
-    model.train()
-    flat = sums.flatten().tolist()
-    if dist is not None:
-        flat = dist.all_sum(flat, precision.device)
-    (kd_sum, fkl_sum, agree, count), answer_sums = flat[:4], flat[4:]
-    if count == 0:
-        raise BadInputError("the held-out split is empty: raise heldout_fraction, set heldout_cache, or use a larger "
-                            "cache")
-    figures = {"heldout_kd": kd_sum / count, "heldout_forward_kl": fkl_sum / count,
-               "heldout_top1_agreement": agree / count, "heldout_targets": int(count)}
-    if eos_id is not None:
-        a_kd, a_fkl, a_agree, a_count = answer_sums
-        figures.update({"heldout_kd_answer": a_kd / a_count if a_count else None,
-                        "heldout_forward_kl_answer": a_fkl / a_count if a_count else None,
-                        "heldout_top1_agreement_answer": a_agree / a_count if a_count else None,
-                        "heldout_answer_targets": int(a_count)})
-    return figures
-
-
-@torch.no_grad()
-def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
-                              dist: Distributed | None) -> dict:
-    """Held-out figures for a student with another tokenizer: its distillation loss (ULD) over the aligned positions
-    (the forward KL and top-1 agreement against cached ids need one vocabulary, so they are not reported)."""
-    model.eval()
-    kd_only = losses.with_ce_weight(0.0)
-    kd_sum = count = 0.0
-    for batch in dataset:
-        batch = batch.to(precision.device)
-        with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
-                            enabled=precision.autocast_dtype is not None):
-            selected = student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
-                                             batch.prompt_lengths)
-        for part in row_chunks(selected.shape[0], chunk_size):
-            logits = output_logits(model, selected[part]).float()[:, :dataset.vocab_size]
-            kd_sum += float(kd_loss(kd_only, logits, batch.targets[part], reduction="none").sum())
-            count += logits.shape[0]
-    model.train()
-    if dist is not None:
-        kd_sum, count = dist.all_sum([kd_sum, count], precision.device)
-    if count == 0:
-        raise BadInputError("the held-out split has no aligned target positions: raise heldout_fraction or use a "
-                            "larger cache")
-    return {"heldout_kd": kd_sum / count, "heldout_targets": int(count)}
 
 
 def _seed_rank(seed: int, dist: Distributed) -> None:
@@ -250,6 +170,11 @@ class _Run:
     train_data: CacheDataset
     heldout: CacheDataset
     saved_step: int | None = None  # the step of the newest checkpoint in `out` (None before the first)
+    hidden_term: HiddenTerm | None = None  # loss.hidden_weight > 0: the projector and the matched layers
+
+    @property
+    def projector(self) -> HiddenProjector | None:
+        return None if self.hidden_term is None else self.hidden_term.projector
 
     def save_checkpoint(self, state: TrainState) -> None:
         resume = (f"it resumes from step {self.saved_step}" if self.saved_step is not None
@@ -258,7 +183,7 @@ class _Run:
         with storage_errors(f"saving the checkpoint of step {state.step} (about {size / 1e6:.1f} MB) in {self.out}",
                             f"then run the same command again: {resume}"):
             save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.train_data, state,
-                            self.dist)
+                            self.dist, projector=self.projector)
         self.saved_step = state.step
 
 
@@ -300,25 +225,30 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
     check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
+    check_hidden_for_cache(config.loss, train_data.manifest)
     if config.heldout_cache:  # every example of another cache; `cache` keeps its heldout_fraction split
         heldout = CacheDataset(config.heldout_cache, split="all", shuffle=False, **common)
     else:
         heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
+    hidden_term = _hidden_term(config, model, train_data.manifest.hidden, precision.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    if hidden_term is not None:  # trained with the adapters, after them (the optimizer's state is by position)
+        params += list(hidden_term.projector.parameters())
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay, precision.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.grad_scaler)
-    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist)
+    state = load_checkpoint(out, model, optimizer, scheduler, scaler, train_data, dist,
+                            projector=None if hidden_term is None else hidden_term.projector)
     saved_step = None if state is None else state.step
     if state is None:
         state = TrainState()
         _seed_rank(config.seed, dist)
     objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
-                                      config.loss.confidence_weight)
+                                      config.loss.confidence_weight, hidden_term)
     step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
     run = _Run(config, precision, dist, out, tokenizer, model, step_module, params, optimizer, scheduler, scaler,
-               train_data, heldout, saved_step)
+               train_data, heldout, saved_step, hidden_term)
     if dist.is_main:
         record_config(out, config, changes, state.step)
     run_log = RunLog(out, state.step, config.tensorboard, active=dist.is_main)
@@ -345,7 +275,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     bar.close()
     run_log.close()
     if (state.step >= config.max_steps or stopped_early) and dist.is_main:
-        save_student(model, tokenizer, out / "final")
+        save_student(model, tokenizer, out / "final", run.projector)
     summary = run_summary(config, state, first_step, time.perf_counter() - started, tokens)
     if dist.is_main:
         (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -354,24 +284,15 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
                        is_main=dist.is_main, summary=summary)
 
 
-def run_summary(config: TrainConfig, state: TrainState, first_step: int, wall_s: float, tokens: int) -> dict:
-    """run_summary.json: what the held-out figures were measured on (and so what training did not see), and this
-    invocation's wall time and throughput (a resumed run counts the steps since its resume)."""
-    if config.heldout_cache:
-        heldout = (f"every example of {config.heldout_cache}; training used "
-                   + ("every example of the cache" if config.heldout_fraction == 0 else
-                      f"{1 - config.heldout_fraction:.0%} of the cache ({config.heldout_fraction:.0%} held out, "
-                      "unused)"))
-    elif config.heldout_fraction > 0:
-        heldout = (f"{config.heldout_fraction:.0%} of the cache's examples (heldout_fraction), which training did "
-                   f"not see: it trained on the other {1 - config.heldout_fraction:.0%}")
-    else:
-        heldout = "none (heldout_fraction=0): training used every example of the cache"
-    last = state.evals[-1] if state.evals else {}
-    return {"step": state.step, "steps_this_run": state.step - first_step, "heldout": heldout,
-            "heldout_fraction": config.heldout_fraction, "heldout_cache": config.heldout_cache,
-            "heldout_targets": last.get("heldout_targets"), "heldout_answer_targets": last.get("heldout_answer_targets"),
-            "wall_s": wall_s, "tokens_this_run": tokens, "tokens_per_s": tokens / wall_s if wall_s > 0 else None}
+def _hidden_term(config: TrainConfig, model, info, device) -> HiddenTerm | None:
+    """The hidden-state term of a run with loss.hidden_weight > 0: the student layers matched to the cache's, and a
+    projector from each to the cache's space (initialised from the run's seed, fp32, on the student's device)."""
+    if config.loss.hidden_weight == 0:
+        return None
+    layers = student_layers_for(info, model, config.hidden_student_layers)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    projector = HiddenProjector(int(text.hidden_size), info.dim, len(layers)).to(device)
+    return HiddenTerm(projector, layers, info.positions, config.loss.hidden_kind, config.loss.hidden_weight)
 
 
 def _optimizer_step(run: _Run, batches: _Batches, step: int) -> dict:
@@ -420,13 +341,13 @@ def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> b
     ``patience`` evaluations have passed without a new best (stop early)."""
     metrics = {"step": state.step, **evaluate(run.model, run.heldout, run.config.loss, run.precision,
                                               run.config.chunk_size, run.dist,
-                                              getattr(run.tokenizer, "eos_token_id", None))}
+                                              getattr(run.tokenizer, "eos_token_id", None), run.hidden_term)}
     run_log.write(metrics)
     state.evals.append(metrics)
     if state.best is None or metrics["heldout_kd"] < state.best:
         state.best, state.evals_since_best = metrics["heldout_kd"], 0
         if run.dist.is_main:
-            save_student(run.model, run.tokenizer, run.out / "best")
+            save_student(run.model, run.tokenizer, run.out / "best", run.projector)
     else:
         state.evals_since_best += 1
     return run.config.patience is not None and state.evals_since_best >= run.config.patience
@@ -445,11 +366,14 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     return record
 
 
-def save_student(model, tokenizer, folder: Path) -> None:
-    """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers."""
+def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | None = None) -> None:
+    """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers; a hidden-state
+    projector goes beside it (hidden_projector.safetensors, which export leaves out)."""
     staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if projector is not None:
+        projector.save(staging)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
