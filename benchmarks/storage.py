@@ -82,7 +82,7 @@ def reference_cache(work: Path, teacher: Path, rows: list[str], tag: str) -> str
     config = load_config(CacheBuildConfig, None, [
         f"output={out}", f"teacher.model={teacher}", f"data.paths=[{data}]", "template.distill=all",
         "sparsifier.k=128", "sparsifier.logprob_dtype=float32", "sparsifier.logprob_step=null", "shard_size=200",
-        "max_length=64", "teacher.batch_size=16", "progress=false"])
+        "max_length=128", "teacher.batch_size=16", "skip_bad_rows=true", "progress=false"])
     build_cache(config)
     return str(out)
 
