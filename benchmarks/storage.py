@@ -164,7 +164,7 @@ def cache_bytes(url: str) -> tuple[int, int, int]:
             total += f.bytes
             parts = key.split("/")
             sparse += f.bytes if len(parts) > 1 and parts[1] in SPARSE else 0
-    return total, sparse, manifest.counts.targets
+    return total, sparse, manifest.counts.num_targets
 
 
 def read_pass(url: str) -> float:
