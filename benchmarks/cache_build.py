@@ -117,6 +117,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--k", type=int, default=64, help="top-k of the timed builds (and of the read benchmark)")
     d.add_argument("--tail-temperatures", default=None,
                    help="sparsifier.tail_temperatures as a YAML list, e.g. '[]' for none (default: the config's)")
+    d.add_argument("--logprob-step", default="null",
+                   help="sparsifier.logprob_step of the timed builds: null = plain log-probs (--logprob-dtype, as "
+                        "every figure before issue 13); 0.0078125 = kdcache's default offsets encoding")
+    d.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32",
+                   help="sparsifier.logprob_dtype of the timed builds (with offsets: the top-1 and tails' dtype)")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="teacher dtype")
     r = p.add_argument_group("measurement")
@@ -153,7 +158,8 @@ def machine_line(device: torch.device, threads: int) -> str:
     return text
 
 
-def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, logprob_dtype: str = "float32"):
+def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, logprob_dtype: str | None = None,
+                logprob_step: str = "null"):
     from kdcache.config import CacheBuildConfig, load_config
 
     overrides = [
@@ -170,7 +176,8 @@ def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, log
         f"template.target={json.dumps(TARGET)}",
         f"template.distill={args.distill}",
         f"sparsifier.k={k}",
-        f"sparsifier.logprob_dtype={logprob_dtype}",
+        f"sparsifier.logprob_dtype={logprob_dtype or args.logprob_dtype}",
+        f"sparsifier.logprob_step={logprob_step if logprob_dtype else args.logprob_step}",
         *([f"sparsifier.tail_temperatures={args.tail_temperatures}"] if args.tail_temperatures is not None else []),
         f"max_length={args.max_length}",
         f"shard_size={args.shard_size}",
@@ -231,7 +238,7 @@ def time_plain(model, batches, device, decoder_only: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def time_build(args, backend, tokenizer, output: Path, teacher_dir, data_file, k: int, logprob_dtype="float32"):
+def time_build(args, backend, tokenizer, output: Path, teacher_dir, data_file, k: int, logprob_dtype=None):
     from kdcache.teacher.build import build_cache
 
     if output.exists():
@@ -475,7 +482,7 @@ def main(argv=None) -> int:
             for k, logprob_dtype in variants:
                 if k > len(tokenizer):
                     continue
-                if k == args.k and logprob_dtype == "float32":
+                if k == args.k and logprob_dtype == "float32" == args.logprob_dtype and args.logprob_step == "null":
                     info = cache_bytes(manifest)
                 else:
                     out = scratch / f"bytes-k{k}-{logprob_dtype}"

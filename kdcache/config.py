@@ -72,6 +72,10 @@ class TemplateConfig:
             raise ConfigValueError("roles_to_train", f"a non-empty list of {', '.join(roles)}", self.roles_to_train)
 
 
+#: Default `sparsifier.logprob_step` (nats): the exact-enough setting of docs/format.md ("Log-prob encoding").
+DEFAULT_LOGPROB_STEP = 2.0**-7
+
+
 @dataclass
 class SparsifierConfig:
     """What is kept of each teacher distribution: the top-k with tail mass, or sampled tokens with counts."""
@@ -80,7 +84,12 @@ class SparsifierConfig:
     k: int = 64  # top-k entries kept; for `sample`, the number of draws per position
     temperature: float = 1.0  # `sample` only: draws come from softmax(logits / temperature)
     seed: int = 0  # `sample` only
-    logprob_dtype: Literal["float32", "float16"] = "float32"  # stored log-probabilities (float16 halves them)
+    # Log-probs stored as floats of this dtype: all of them (logprob_step null), or each row's top-1 and the tails.
+    logprob_dtype: Literal["float32", "float16"] = "float16"
+    # `topk` only: the other top-k log-probs are stored as offsets below the row's top-1 rounded to this many nats
+    # (each within step/2 of float32; docs/format.md); 2^-7 keeps the bucket KL near 1e-7, 2^-5 (smaller, about
+    # 1e-5) saves a third more; null stores every log-prob as logprob_dtype.
+    logprob_step: float | None = DEFAULT_LOGPROB_STEP
     # `topk` only: temperatures besides 1 at which the tail's exact log-partition is stored (4 bytes each per
     # target), so a trainer at any of them is exact (kdcache/tempering.py); [] stores none (T = 1 only).
     tail_temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TAIL_TEMPERATURES))
@@ -89,6 +98,11 @@ class SparsifierConfig:
         for value in self.tail_temperatures:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ConfigValueError("tail_temperatures", "a list of positive finite numbers", self.tail_temperatures)
+        if self.logprob_step is not None and (isinstance(self.logprob_step, bool)
+                                              or not isinstance(self.logprob_step, (int, float))
+                                              or not 0 < self.logprob_step <= 1):
+            raise ConfigValueError("logprob_step", "a number of nats in (0, 1], or null for plain log-probs",
+                                   self.logprob_step)
         # One spelling per grid: sorted, without repeats, without 1 (the tail log-mass is the T = 1 value).
         self.tail_temperatures = sorted({float(t) for t in self.tail_temperatures if float(t) != 1.0})
 

@@ -84,7 +84,7 @@ def _edit_shard_record(cache: Path, index: int, change) -> None:
 
 
 def _chunk(cache: Path, shard: str, array: str) -> Path:
-    return cache / "shards" / shard / "tokens.zarr" / array / "c" / ("0/0" if array.startswith("sparse") else "0")
+    return cache / "shards" / shard / "tokens.zarr" / array / "c" / ("0/0" if array.startswith("sparse") or array == "logprob_offsets" else "0")
 
 
 _OPENED: list[str] | None = None
@@ -422,7 +422,7 @@ def _rewrite_with_valid_values(cache: Path, shard: str) -> None:
     only the checksum can tell."""
     import zarr
 
-    for name in ("sparse_ids", "sparse_logprobs", "tail_logmass", "tail_tempered"):
+    for name in ("sparse_ids", "logprob_top", "logprob_offsets", "tail_logmass", "tail_tempered"):
         array = zarr.open_array(str(cache / "shards" / shard / "tokens.zarr" / name), mode="r+")
         values = array[...]
         values[[0, 1]] = values[[1, 0]]
@@ -440,7 +440,7 @@ def test_a_chunk_rewritten_with_valid_values_is_refused_by_every_reader(cache):
     _rewrite_with_valid_values(cache, "00001")
     reader = CacheReader(str(cache))
     list(reader.iter_examples(shards=[0, 2, 3, 4]))
-    with pytest.raises(CacheFormatError, match=r"shard 00001 of .* cannot be read \(file tokens\.zarr/sparse_ids/c/0/0 "
+    with pytest.raises(CacheFormatError, match=r"shard 00001 of .* cannot be read \(file tokens\.zarr/logprob_offsets/c/0/0 "
                                                r"fails its sha256 checksum \(corrupted\)\)"):
         reader.read_shard(1)
     result = _info(cache)
@@ -454,11 +454,11 @@ def test_a_chunk_rewritten_with_valid_values_is_refused_by_every_reader(cache):
 
 
 def test_a_changed_byte_of_the_same_size_fails_the_checksum_on_read(cache):
-    chunk = _chunk(cache, "00004", "sparse_logprobs")
+    chunk = _chunk(cache, "00004", "logprob_offsets")
     content = bytearray(chunk.read_bytes())
     content[len(content) // 2] ^= 0x01
     chunk.write_bytes(bytes(content))
-    with pytest.raises(CacheFormatError, match=r"shard 00004 of .* cannot be read \(file tokens\.zarr/sparse_logprobs/"
+    with pytest.raises(CacheFormatError, match=r"shard 00004 of .* cannot be read \(file tokens\.zarr/logprob_offsets/"
                                                r"c/0/0 fails its sha256 checksum \(corrupted\)\)"):
         CacheReader(str(cache)).read_shard(4)
 

@@ -210,7 +210,7 @@ def _damaged_copy(cache, tmp_path, how) -> str:
     shutil.copytree(cache, target)
     tokens = target / "shards" / "00002" / "tokens.zarr"
     if how == "flip":
-        chunk = tokens / "sparse_logprobs" / "c" / "0" / "0"
+        chunk = tokens / "sparse_ids" / "c" / "0" / "0"
         data = bytearray(chunk.read_bytes())
         for i in range(16, len(data), 7):
             data[i] ^= 0xFF

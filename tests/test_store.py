@@ -18,8 +18,9 @@ import pytest
 from conftest import PROMPT, TARGET, make_config
 
 from kdcache.errors import CacheFormatError, IncompatibleCacheError
+from kdcache.store.encoding import LogprobEncoding
 from kdcache.store.location import CacheLocation
-from kdcache.store.manifest import finalize
+from kdcache.store.manifest import Manifest, finalize
 from kdcache.store.reader import CacheReader
 from kdcache.store.shard import ShardData, read_shard_files, write_shard_files
 from kdcache.store.verify import verify_cache
@@ -190,7 +191,7 @@ def test_verify_finds_arrays_that_break_invariants_even_with_matching_checksums(
     data.tail_logmass = data.tail_logmass + 1.0  # mass no longer sums to one
     shutil.rmtree(shard)
     shard.mkdir()
-    write_shard_files(str(shard), data)
+    write_shard_files(str(shard), data, LogprobEncoding.of(Manifest.from_dict(_manifest(damaged)).sparsifier))
     manifest = _manifest(damaged)
     manifest["shards"][0]["files"] = _checksums(str(shard))
     (damaged / "manifest.json").write_text(json.dumps(manifest))

@@ -13,6 +13,9 @@ from kdcache.teacher.build import build_cache
 from kdcache.teacher.sparsify import example_uniforms, sample_with_counts
 from kdcache.tiny import build_qwen2, save_model
 
+# Plain float32 log-probs, so the cache holds the teacher's values exactly (the default rounds them: test_encoding).
+PLAIN = ("sparsifier.logprob_step=null", "sparsifier.logprob_dtype=float32")
+
 
 def dense_logprobs(model, input_ids: np.ndarray) -> torch.Tensor:
     """log_softmax of a plain, unbatched forward pass: the reference."""
@@ -36,7 +39,7 @@ def assert_same_topk(cached_ids, cached_logprobs, reference, top_values) -> None
 @pytest.mark.parametrize("k", [16, "vocab"])
 def test_cached_topk_equals_plain_forward(tmp_path, tokenizer, teacher_dir, data_file, k):
     k = len(tokenizer) if k == "vocab" else k
-    build_cache(make_config(tmp_path / "cache", teacher_dir, data_file, f"sparsifier.k={k}"))
+    build_cache(make_config(tmp_path / "cache", teacher_dir, data_file, f"sparsifier.k={k}", *PLAIN))
     model = load_causal_lm(teacher_dir, None, "float32", torch.device("cpu"))
     reader = CacheReader(str(tmp_path / "cache"), tokenizer=tokenizer)
     checked = 0
@@ -64,7 +67,7 @@ def test_padded_embedding_teacher_is_accepted_and_padding_columns_dropped(tmp_pa
     """A teacher whose embedding has more rows than the tokenizer (as Qwen2.5-72B has) builds a normal cache."""
     model = build_qwen2(len(tokenizer) + 64, hidden_size=64, layers=1, heads=2, seed=3)
     folder = save_model(model, tokenizer, tmp_path / "padded")
-    build_cache(make_config(tmp_path / "cache", folder, data_file, "sparsifier.k=8", "data.limit=6"))
+    build_cache(make_config(tmp_path / "cache", folder, data_file, "sparsifier.k=8", "data.limit=6", *PLAIN))
     reader = CacheReader(str(tmp_path / "cache"), tokenizer=tokenizer)
     assert reader.manifest.tokenizer.vocab_size == len(tokenizer)
     for example in reader.iter_examples():

@@ -91,9 +91,15 @@ class SparsifierInfo(Record):
     temperature: float | None = omitted_when_none()
     seed: int | None = omitted_when_none()
     tail_temperatures: tuple[float, ...] | None = omitted_when_none()
+    # topk only: the top-k log-probs are stored as offsets below each row's top-1 in steps of this many nats, the
+    # top-1 and the tails as logprob_dtype (kdcache.store.encoding); absent: plain logprob_dtype arrays, as before.
+    logprob_step: float | None = omitted_when_none()
 
     def __post_init__(self) -> None:
         check_at_least(self, "k", 1)
+        if self.logprob_step is not None and (self.kind != "topk" or not 0 < self.logprob_step <= 1):
+            raise FieldError("logprob_step", "a number of nats in (0, 1] for a topk sparsifier, or absent",
+                             self.logprob_step)
         for name, kind in (("temperature", "a number"), ("seed", "an integer")):
             value = getattr(self, name)
             if self.kind == "sample" and value is None:
@@ -185,6 +191,7 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
             config.sparsifier.tail_temperatures)
     else:
         sparsifier.pop("tail_temperatures")
+        sparsifier["logprob_step"] = None  # sampled log-probs are unsorted (kept for inspection): stored plainly
     generate = None
     if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
         generate = GenerateInfo(**to_dict(config.generate), stop_token_ids=tuple(stop_ids or ()))

@@ -9,6 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdcache.store.encoding import (OFFSETS_ARRAY, STEP_ATTRIBUTE, TOP_ARRAY, LogprobEncoding, decode_offsets,
+                                    encode_offsets, float_dtype)
+
 TOKENS_DIR = "tokens.zarr"
 RECORDS_FILE = "records.parquet"
 
@@ -36,6 +39,9 @@ class ShardData:
     tail_tempered: np.ndarray | None = None  # float32 [targets, G]: the tail's log-partition at each tail temperature
     hidden_states: np.ndarray | None = None  # float16 or int8 [targets or tokens, C, dim] (kdcache.store.hidden)
     hidden_scale: np.ndarray | None = None  # float32 [targets or tokens, C]: int8 hidden states' per-row scale
+    # Set when read: the step (nats) the log-probs were stored at (offsets encoding, kdcache.store.encoding), or None
+    # (plain). Writers ignore it: the encoding is the plan's (write_shard_files' `encoding`).
+    logprob_step: float | None = None
 
     @property
     def num_examples(self) -> int:
@@ -73,15 +79,44 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (rows,) + tuple(max(1, s) for s in shape[1:])
 
 
-def write_shard_files(local_dir: str, data: ShardData) -> None:
-    """Write a shard's files into an empty local folder (the caller makes it visible atomically)."""
+def disk_arrays(data: ShardData, encoding: LogprobEncoding) -> dict[str, tuple[np.ndarray, dict]]:
+    """The arrays a shard stores, by on-disk name, each with its Zarr attributes: ``data.arrays()`` as they are
+    (plain encoding), or with ``sparse_logprobs`` replaced by ``logprob_top`` + ``logprob_offsets`` and the tails
+    cast to ``encoding.dtype`` (offsets encoding, kdcache.store.encoding)."""
+    arrays = {name: (value, {}) for name, value in data.arrays().items()}
+    if encoding.step is None:
+        return arrays
+    dtype = float_dtype(encoding.dtype)
+    top, deltas = encode_offsets(data.sparse_logprobs, encoding.step, dtype)
+    out = {}
+    for name, entry in arrays.items():
+        if name == "sparse_logprobs":
+            out[TOP_ARRAY] = (top, {})
+            out[OFFSETS_ARRAY] = (deltas, {STEP_ATTRIBUTE: encoding.step})
+        elif name in ("tail_logmass", "tail_tempered"):
+            out[name] = (entry[0].astype(dtype), {})
+        else:
+            out[name] = entry
+    return out
+
+
+def write_shard_files(local_dir: str, data: ShardData, encoding: LogprobEncoding | None = None) -> None:
+    """Write a shard's files into an empty local folder (the caller makes it visible atomically); `encoding`
+    (default: plain) is how the top-k log-probs are stored."""
     import zarr
 
     group = zarr.open_group(f"{local_dir}/{TOKENS_DIR}", mode="w", zarr_format=3)
-    compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-    for name, value in data.arrays().items():
-        group.create_array(name, data=np.ascontiguousarray(value), chunks=_chunks(value.shape), compressors=compressor)
+    byte_shuffled = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    bit_shuffled = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    for name, (value, attributes) in disk_arrays(data, encoding or LogprobEncoding()).items():
+        compressor = bit_shuffled if name in _BIT_SHUFFLED else byte_shuffled
+        group.create_array(name, data=np.ascontiguousarray(value), chunks=_chunks(value.shape),
+                           compressors=compressor, attributes=attributes or None)
     pq.write_table(data.records, f"{local_dir}/{RECORDS_FILE}", compression="zstd")
+
+
+# Arrays of small integers in wide words: bit-shuffling puts their zero high bits together.
+_BIT_SHUFFLED = frozenset({OFFSETS_ARRAY})
 
 
 def read_shard_files(shard_url: str, storage_options: dict | None = None) -> ShardData:
@@ -117,17 +152,26 @@ def _shard_data(group, records: pa.Table) -> ShardData:
     def get(name: str) -> np.ndarray | None:
         return group[name][...] if name in names else None
 
+    logprobs, step = get("sparse_logprobs"), None
+    tail_logmass, tail_tempered = get("tail_logmass"), get("tail_tempered")
+    if OFFSETS_ARRAY in names:  # the offsets encoding: decoded to what the losses read (float32)
+        offsets = group[OFFSETS_ARRAY]
+        step = float(offsets.attrs[STEP_ATTRIBUTE])
+        logprobs = decode_offsets(get(TOP_ARRAY), offsets[...], step)
+        tail_logmass = None if tail_logmass is None else tail_logmass.astype(np.float32)
+        tail_tempered = None if tail_tempered is None else tail_tempered.astype(np.float32)
     return ShardData(
         input_ids=get("input_ids"),
         offsets=get("offsets"),
         target_mask=get("target_mask"),
         target_offsets=get("target_offsets"),
         sparse_ids=get("sparse_ids"),
-        sparse_logprobs=get("sparse_logprobs"),
-        tail_logmass=get("tail_logmass"),
+        sparse_logprobs=logprobs,
+        tail_logmass=tail_logmass,
         sample_counts=get("sample_counts"),
         records=records,
-        tail_tempered=get("tail_tempered"),
+        tail_tempered=tail_tempered,
         hidden_states=get("hidden_states"),
         hidden_scale=get("hidden_scale"),
+        logprob_step=step,
     )

@@ -49,6 +49,9 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
          f"sparse arrays are not [targets, k={k}]"),
         (data.num_tokens == 0 or (data.input_ids.min() >= 0 and data.input_ids.max() < vocab),
          f"input_ids outside [0, {vocab})"),
+        (data.logprob_step == manifest.sparsifier.logprob_step,
+         f"log-probs are stored {_encoding(data.logprob_step)} but the plan says "
+         f"{_encoding(manifest.sparsifier.logprob_step)}"),
     ]
     for good, message in checks:
         if not good:
@@ -69,7 +72,8 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
         if np.any(logprobs > 1e-4) or np.any(np.diff(logprobs, axis=1) > 1e-3):
             return "top-k log-probabilities are positive or not sorted in descending order"
         total = np.logaddexp(np.logaddexp.reduce(logprobs, axis=1), data.tail_logmass.astype(np.float64))
-        tolerance = 1e-2 if data.sparse_logprobs.dtype == np.float16 else 1e-3
+        tolerance = 1e-2 if manifest.sparsifier.logprob_dtype == "float16" else 1e-3
+        tolerance += (data.logprob_step or 0.0) / 2  # each entry within step/2 (kdcache.store.encoding)
         if np.any(np.abs(total) > tolerance):
             return f"top-k mass plus tail mass differs from 1 (worst log-sum {np.abs(total).max():.2e})"
         problem = _check_tail_tempered(data, manifest.sparsifier.tail_temperatures)
@@ -82,6 +86,10 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
         if np.any((counts > 0) != (data.sparse_ids >= 0)):
             return "sampled ids and counts disagree on which entries are padding"
     return None
+
+
+def _encoding(step: float | None) -> str:
+    return "plainly" if step is None else f"as offsets in steps of {step:g} nats"
 
 
 def _check_tail_tempered(data, temperatures) -> str | None:

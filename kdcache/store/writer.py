@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import uuid
 
+from kdcache.store.encoding import LogprobEncoding
 from kdcache.store.fingerprint import file_sha256
 from kdcache.store.location import SHARDS_DIR, CacheLocation, shard_name
 from kdcache.store.manifest import CommitRecord, check_plan_unchanged
@@ -43,9 +44,12 @@ def clear_uncommitted(location: CacheLocation, index: int) -> None:
                 shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
 
 
-def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dict) -> CommitRecord:
+def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dict,
+                 encoding: LogprobEncoding | None = None) -> CommitRecord:
     """Write shard `index` atomically and return its commit record: the counts, `info` (the build's part:
     `{"rows": [start, stop], "skipped_rows": n, "plan_hash": "sha256:..."}`), and every file's sha256.
+    `encoding` is how the top-k log-probs are stored (the plan's, `LogprobEncoding.of(plan.sparsifier)`; default
+    plain).
 
     With a plan hash, plan.json is checked just before the commit record is written, so a worker whose plan was
     replaced under it (only possible on a store without exclusive creation) commits nothing."""
@@ -58,7 +62,7 @@ def commit_shard(location: CacheLocation, index: int, data: ShardData, info: dic
     else:
         staging = tempfile.mkdtemp(prefix=f"kdcache-{shard_name(index)}-")
     try:
-        write_shard_files(staging, data)
+        write_shard_files(staging, data, encoding)
         files = _checksums(staging)
         if location.is_local:
             os.rename(staging, final)

@@ -26,6 +26,7 @@ from kdcache.data.templates import render, render_prompt, warn_literal_newlines
 from kdcache.errors import BadInputError
 from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
+from kdcache.store.encoding import LogprobEncoding
 from kdcache.store.location import CacheLocation
 from kdcache.store.lock import ShardClaims
 from kdcache.store.manifest import Manifest, committed_shards, finalize, read_commit, write_or_check_plan
@@ -210,7 +211,9 @@ class ShardScorer:
         targets = [s.num_rows for s in sparse]
         merged = SparseTargets.cat(sparse) if sparse else None
         k = spec.k
-        logprob_dtype = np.float16 if spec.logprob_dtype == "float16" else np.float32
+        # Kept in float32 for the offsets encoding, which rounds them itself when the shard is written.
+        plain = LogprobEncoding.of(spec).step is None
+        logprob_dtype = np.float16 if spec.logprob_dtype == "float16" and plain else np.float32
         empty_ids = np.zeros((0, k), np.int32)
         return ShardData(
             input_ids=np.array([t for e in examples for t in e.encoded.input_ids], dtype=np.int32),
@@ -415,6 +418,7 @@ class _ShardWriter:
         self.config, self.tokenizer, self.rows, self.backend, self.stop_ids = config, tokenizer, rows, backend, stop_ids
         self.hidden = hidden
         self.location, self.num_shards, self.plan_hash = location, num_shards, plan_hash
+        self.encoding = LogprobEncoding.of(config.sparsifier)
         self.answers_per_row = config.generate.num_samples if config.generate.enabled else 1
         self.todo_rows = sum(len(rows[i * config.shard_size : (i + 1) * config.shard_size]) for i in pending)
         self.progress: BuildProgress | None = None
@@ -441,7 +445,8 @@ class _ShardWriter:
         with storage_errors(f"writing shard {index} ({size / 1e6:.1f} MB before compression) of {config.output}",
                             lambda: _full_disk_advice(self.location, self.num_shards)):
             commit_shard(self.location, index, data, {"rows": [start, start + len(shard_rows)],
-                                                      "skipped_rows": len(bad), "plan_hash": self.plan_hash})
+                                                      "skipped_rows": len(bad), "plan_hash": self.plan_hash},
+                         self.encoding)
         return bad
 
     def __enter__(self) -> _ShardWriter:
