@@ -6,6 +6,7 @@ Nothing here downloads anything: the tokenizer is trained on the given texts, th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -53,6 +54,12 @@ def build_unigram_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", show_progress=False)
     core.train_from_iterator(list(texts), trainer=trainer)
+    # The trainer's EM sums in hash-map order, so the same texts gave the same pieces with scores differing in the
+    # fourth decimal, in another order (other ids), from run to run. Rounded scores in a fixed order make the tokenizer,
+    # and every model and test built on it, reproducible.
+    vocab = json.loads(core.to_str())["model"]["vocab"]
+    specials, pieces = vocab[:3], sorted(((p, round(score, 2)) for p, score in vocab[3:]), key=lambda e: (-e[1], e[0]))
+    core.model = models.Unigram([tuple(e) for e in specials] + pieces, unk_id=2, byte_fallback=False)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 

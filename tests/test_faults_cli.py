@@ -143,11 +143,11 @@ def test_a_full_disk_during_a_build_says_what_to_free_and_resumes(tmp_path, monk
     out = tmp_path / "cache"
     real = writer_module.write_shard_files
 
-    def full_at_shard_2(folder, data):
+    def full_at_shard_2(folder, data, *rest):
         if ".tmp-00002-" in folder:
-            real(folder, data)  # a part of the files is written when the disk fills up
+            real(folder, data, *rest)  # a part of the files is written when the disk fills up
             raise OSError(errno.ENOSPC, "No space left on device", folder + "/records.parquet")
-        real(folder, data)
+        real(folder, data, *rest)
 
     monkeypatch.setattr(writer_module, "write_shard_files", full_at_shard_2)
     result = CliRunner().invoke(main, build_args(out, teacher_dir, data_file))

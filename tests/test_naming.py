@@ -42,6 +42,7 @@ def test_contradictory_or_bad_weights_are_refused_in_one_line(settings, message)
 def test_an_ablation_grid_over_kd_weight_replaces_the_base_alpha(tmp_path):
     made = run_config({"loss": {"alpha": 0.5, "kind": "jsd"}}, "c", tmp_path, "r", {"loss.kd_weight": 0.9}, ())
     assert made.loss.kd_weight == 0.9 and made.loss.kind == "jsd"
+    assert made.out == str(tmp_path / "r")  # each grid point keeps its own folder (a loop once renamed it)
 
 
 @pytest.mark.parametrize("options", [dict(batch_size=4), dict(batch_size=8, max_tokens=300)])

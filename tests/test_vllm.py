@@ -112,19 +112,22 @@ def second_teacher(tmp_path_factory, tokenizer) -> str:
 
 
 def test_diff_reports_where_caches_differ(tmp_path, teacher_dir, second_teacher, data_file):
+    # Plain float32 log-probs (no float16 tails, no quantised offsets), so folding entries into the tail is compared
+    # at 1e-5 rather than at the storage encoding's rounding.
+    F32 = ("sparsifier.logprob_dtype=float32", "sparsifier.logprob_step=null")
     a = tmp_path / "a"
-    build_cache(make_config(a, teacher_dir, data_file, "data.limit=10"))
+    build_cache(make_config(a, teacher_dir, data_file, "data.limit=10", *F32))
     same = diff_caches(str(a), str(a))
     assert same.identical and same.agrees(0.0) and same.top1_agreement == 1.0 and same.settings == []
 
     k8 = tmp_path / "k8"
-    build_cache(make_config(k8, teacher_dir, data_file, "data.limit=10", "sparsifier.k=8"))
+    build_cache(make_config(k8, teacher_dir, data_file, "data.limit=10", "sparsifier.k=8", *F32))
     fewer = diff_caches(str(a), str(k8))  # compared on the first 8 entries, the rest folded into A's tail
     assert fewer.k == 8 and fewer.agrees(1e-5) and not fewer.identical
     assert any(line.startswith("sparsifier.k: 16 -> 8") for line in fewer.settings)
 
     other = tmp_path / "other"
-    build_cache(make_config(other, second_teacher, data_file, "data.limit=10"))
+    build_cache(make_config(other, second_teacher, data_file, "data.limit=10", *F32))
     report = diff_caches(str(a), str(other))
     # (Randomly initialised tied-embedding models mostly predict the current token, so top-1 may still agree.)
     assert not report.agrees(1e-3) and report.max_logprob_diff > 1e-3 and report.mean_topk_overlap < 1
@@ -132,7 +135,7 @@ def test_diff_reports_where_caches_differ(tmp_path, teacher_dir, second_teacher,
     assert "teacher.model" in "\n".join(report.settings)
 
     fewer_rows = tmp_path / "six"
-    build_cache(make_config(fewer_rows, teacher_dir, data_file, "data.limit=6"))
+    build_cache(make_config(fewer_rows, teacher_dir, data_file, "data.limit=6", *F32))
     missing = diff_caches(str(a), str(fewer_rows))
     assert missing.num_only_in_a == 4 and missing.only_in_a == [6, 7, 8, 9] and not missing.agrees()
 
@@ -320,10 +323,10 @@ def test_killed_vllm_job_resumes_to_identical_cache(tmp_path, engine, vllm_cache
         "import os, signal\n"
         "import kdcache.teacher.build as build\n"
         "original = build.commit_shard\n"
-        "def commit(location, index, data, record):\n"
+        "def commit(location, index, *rest):\n"
         "    if index == 2:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)  # a kill in the middle of the job\n"
-        "    return original(location, index, data, record)\n"
+        "    return original(location, index, *rest)\n"
         "build.commit_shard = commit\n"
         "if __name__ == '__main__':\n"
         "    from kdcache.cli import main\n"

@@ -73,8 +73,8 @@ def run_config(spec_base: dict, cache: str, out: Path, name: str, assignment: di
     data = json.loads(json.dumps(spec_base))
     for key, value in assignment.items():
         if key.startswith("loss.") and key[5:] in LOSS_WEIGHT_NAMES:  # the grid's CE/KD weight replaces the base's
-            for name in LOSS_WEIGHT_NAMES:
-                data.get("loss", {}).pop(name, None)
+            for weight in LOSS_WEIGHT_NAMES:
+                data.get("loss", {}).pop(weight, None)
         apply_override(data, f"{key}={json.dumps(value)}")
     for item in overrides:
         apply_override(data, item)
