@@ -49,10 +49,15 @@ from kdcache.store.writer import commit_shard  # noqa: E402
 from kdcache.teacher.build import build_cache  # noqa: E402
 
 SPARSE = ("sparse_ids", "sparse_logprobs", "logprob_top", "logprob_offsets", "tail_logmass")
-# (label, logprob_dtype, logprob_step): today's plain arrays, the default, the smaller setting, and neighbours.
-ENCODINGS = [("float32", "float32", None), ("float16", "float16", None), ("offsets 2^-9", "float16", 2.0**-9),
-             ("offsets 2^-7 (default)", "float16", 2.0**-7), ("offsets 2^-5 (small)", "float16", 2.0**-5),
-             ("offsets 2^-3", "float16", 2.0**-3)]
+# (label, logprob_dtype, logprob_step, logprob_growth): plain arrays, the default, the smaller setting, and neighbours
+# (uniform steps, as before the growth, among them).
+ENCODINGS = [("float32", "float32", None, None), ("float16", "float16", None, None),
+             ("uniform 2^-9", "float16", 2.0**-9, None), ("uniform 2^-7", "float16", 2.0**-7, None),
+             ("uniform 2^-5", "float16", 2.0**-5, None),
+             ("growth 2^-8 (default)", "float16", 2.0**-8, 4.0), ("growth 0.02 (small)", "float16", 0.02, 4.0),
+             ("growth 2^-4", "float16", 2.0**-4, 4.0)]
+#: The settings measured at every k (the others at k = 64 only).
+EVERY_K = ("float16", "growth 2^-8 (default)", "growth 0.02 (small)")
 
 
 def parse_args(argv=None):
@@ -124,12 +129,13 @@ def at_k(data, k: int, temperatures):
                                tail_logmass=tail.astype(np.float32), tail_tempered=grid)
 
 
-def write_cache(url: str, ref: CacheReader, shards, k: int, dtype: str, step) -> float:
+def write_cache(url: str, ref: CacheReader, shards, k: int, dtype: str, step, growth=None) -> float:
     """Write `shards` (already at k) as a cache with this encoding; returns the seconds spent in commit_shard."""
     import shutil
 
     shutil.rmtree(url, ignore_errors=True)
-    sparsifier = dataclasses.replace(ref.manifest.sparsifier, k=k, logprob_dtype=dtype, logprob_step=step)
+    sparsifier = dataclasses.replace(ref.manifest.sparsifier, k=k, logprob_dtype=dtype, logprob_step=step,
+                                     logprob_growth=growth)
     plan = dataclasses.replace(ref.manifest.plan, sparsifier=sparsifier)
     location = CacheLocation(url)
     hashed = write_or_check_plan(location, plan)
@@ -180,20 +186,20 @@ def measure_teacher(args, work: Path, tag: str, ref_url: str, vocab: int) -> lis
     temps = ref.manifest.sparsifier.tail_temperatures or ()
     shards, ids128, lp128, tail128 = load_all(ref)
     n = ids128.shape[0]
-    settings = [(k, label, dtype, step) for k in args.k for label, dtype, step in ENCODINGS
-                if k == 64 or label in ("float16", "offsets 2^-7 (default)", "offsets 2^-5 (small)")]
+    settings = [(k, label, dtype, step, growth) for k in args.k for label, dtype, step, growth in ENCODINGS
+                if k == 64 or label in EVERY_K]
     cut = {k: [at_k(s, k, temps) for s in shards] for k in args.k}
-    urls = {s: str(work / f"{tag}-k{s[0]}-{s[1].split()[0]}-{s[3]}") for s in settings}
+    urls = {s: str(work / f"{tag}-k{s[0]}-{s[1].split()[0]}-{s[3]}-{s[4]}") for s in settings}
     writes = {s: [] for s in settings}
     reads = {s: [] for s in settings}
     for _ in range(args.repeats):  # alternate the settings, round by round
         for s in settings:
-            writes[s].append(write_cache(urls[s], ref, cut[s[0]], s[0], s[2], s[3]))
+            writes[s].append(write_cache(urls[s], ref, cut[s[0]], s[0], s[2], s[3], s[4]))
         for s in settings:
             reads[s].append(read_pass(urls[s]))
     rows = []
     for s in settings:
-        k, label, _, step = s
+        k, label = s[0], s[1]
         _, ids, lp, tail = load_all(CacheReader(urls[s]))
         lp_ref = lp128[:, :k]
         tail_ref = np.logaddexp(tail128, np.logaddexp.reduce(lp128[:, k:], axis=1))

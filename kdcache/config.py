@@ -57,8 +57,10 @@ class TemplateConfig:
             raise ConfigValueError("roles_to_train", f"a non-empty list of {', '.join(roles)}", self.roles_to_train)
 
 
-#: Default `sparsifier.logprob_step` (nats): the exact-enough setting of docs/format.md ("Log-prob encoding").
-DEFAULT_LOGPROB_STEP = 2.0**-7
+#: Default `sparsifier.logprob_step` and `logprob_growth` (nats): the exact-enough setting of docs/format.md
+#: ("Log-prob encoding"): mean bucket KL below 1e-6 on a raw and a sharpened teacher (benchmarks/RESULTS.md, issue 13).
+DEFAULT_LOGPROB_STEP = 2.0**-8
+DEFAULT_LOGPROB_GROWTH = 4.0
 
 
 @dataclass
@@ -71,10 +73,14 @@ class SparsifierConfig:
     seed: int = 0  # `sample` only
     # Log-probs stored as floats of this dtype: all of them (logprob_step null), or each row's top-1 and the tails.
     logprob_dtype: Literal["float32", "float16"] = "float16"
-    # `topk` only: the other top-k log-probs are stored as offsets below the row's top-1 rounded to this many nats
-    # (each within step/2 of float32; docs/format.md); 2^-7 keeps the bucket KL near 1e-7, 2^-5 (smaller, about
-    # 1e-5) saves a third more; null stores every log-prob as logprob_dtype.
+    # `topk` only: the other top-k log-probs are stored as offsets below the row's top-1, rounded to this many nats
+    # at the top (docs/format.md); 2^-8 keeps the mean bucket KL under 1e-6, 0.02 (the smaller setting, about 1e-5)
+    # saves a quarter more; null stores every log-prob as logprob_dtype.
     logprob_step: float | None = DEFAULT_LOGPROB_STEP
+    # `topk` offsets only: the rounding step is uniform for the first growth/2 nats below the top-1, then grows
+    # e-fold every this many nats, since an entry's weight in the KL is its probability; null keeps one step for
+    # every offset (each entry within step/2).
+    logprob_growth: float | None = DEFAULT_LOGPROB_GROWTH
     # `topk` only: temperatures besides 1 at which the tail's exact log-partition is stored (4 bytes each per
     # target), so a trainer at any of them is exact (kdcache/tempering.py); [] stores none (T = 1 only).
     tail_temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TAIL_TEMPERATURES))
@@ -88,6 +94,11 @@ class SparsifierConfig:
                                               or not 0 < self.logprob_step <= 1):
             raise ConfigValueError("logprob_step", "a number of nats in (0, 1], or null for plain log-probs",
                                    self.logprob_step)
+        if self.logprob_growth is not None and (isinstance(self.logprob_growth, bool)
+                                                or not isinstance(self.logprob_growth, (int, float))
+                                                or not 1 <= self.logprob_growth <= 64):
+            raise ConfigValueError("logprob_growth", "a number of nats in [1, 64], or null for a uniform step",
+                                   self.logprob_growth)
         # One spelling per grid: sorted, without repeats, without 1 (the tail log-mass is the T = 1 value).
         self.tail_temperatures = sorted({float(t) for t in self.tail_temperatures if float(t) != 1.0})
 

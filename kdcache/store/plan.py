@@ -94,12 +94,17 @@ class SparsifierInfo(Record):
     # topk only: the top-k log-probs are stored as offsets below each row's top-1 in steps of this many nats, the
     # top-1 and the tails as logprob_dtype (kdcache.store.encoding); absent: plain logprob_dtype arrays, as before.
     logprob_step: float | None = omitted_when_none()
+    # with logprob_step only: the step grows e-fold every this many nats below the top-1; absent: a uniform step.
+    logprob_growth: float | None = omitted_when_none()
 
     def __post_init__(self) -> None:
         check_at_least(self, "k", 1)
         if self.logprob_step is not None and (self.kind != "topk" or not 0 < self.logprob_step <= 1):
             raise FieldError("logprob_step", "a number of nats in (0, 1] for a topk sparsifier, or absent",
                              self.logprob_step)
+        if self.logprob_growth is not None and (self.logprob_step is None or not 1 <= self.logprob_growth <= 64):
+            raise FieldError("logprob_growth", "a number of nats in [1, 64] beside a logprob_step, or absent",
+                             self.logprob_growth)
         for name, kind in (("temperature", "a number"), ("seed", "an integer")):
             value = getattr(self, name)
             if self.kind == "sample" and value is None:
@@ -192,6 +197,8 @@ def make_plan(config: CacheBuildConfig, tokenizer, rows: list[Row], unparsed_row
     else:
         sparsifier.pop("tail_temperatures")
         sparsifier["logprob_step"] = None  # sampled log-probs are unsorted (kept for inspection): stored plainly
+    if sparsifier["logprob_step"] is None:
+        sparsifier["logprob_growth"] = None  # a growth only shapes offsets
     generate = None
     if config.generate.enabled:  # only then, so plans of teacher-forced caches stay as they were
         generate = GenerateInfo(**to_dict(config.generate), stop_token_ids=tuple(stop_ids or ()))

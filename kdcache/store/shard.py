@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcache.store.encoding import (OFFSETS_ARRAY, STEP_ATTRIBUTE, TOP_ARRAY, LogprobEncoding, decode_offsets,
-                                    encode_offsets, float_dtype)
+from kdcache.store.encoding import (GROWTH_ATTRIBUTE, OFFSETS_ARRAY, STEP_ATTRIBUTE, TOP_ARRAY, LogprobEncoding,
+                                    decode_offsets, encode_offsets, float_dtype)
 
 TOKENS_DIR = "tokens.zarr"
 RECORDS_FILE = "records.parquet"
@@ -42,6 +42,7 @@ class ShardData:
     # Set when read: the step (nats) the log-probs were stored at (offsets encoding, kdcache.store.encoding), or None
     # (plain). Writers ignore it: the encoding is the plan's (write_shard_files' `encoding`).
     logprob_step: float | None = None
+    logprob_growth: float | None = None  # set when read: the offsets' growth (nats), or None (uniform steps)
 
     @property
     def num_examples(self) -> int:
@@ -87,12 +88,15 @@ def disk_arrays(data: ShardData, encoding: LogprobEncoding) -> dict[str, tuple[n
     if encoding.step is None:
         return arrays
     dtype = float_dtype(encoding.dtype)
-    top, deltas = encode_offsets(data.sparse_logprobs, encoding.step, dtype)
+    top, deltas = encode_offsets(data.sparse_logprobs, encoding.step, dtype, encoding.growth)
     out = {}
     for name, entry in arrays.items():
         if name == "sparse_logprobs":
             out[TOP_ARRAY] = (top, {})
-            out[OFFSETS_ARRAY] = (deltas, {STEP_ATTRIBUTE: encoding.step})
+            attributes = {STEP_ATTRIBUTE: encoding.step}
+            if encoding.growth is not None:
+                attributes[GROWTH_ATTRIBUTE] = encoding.growth
+            out[OFFSETS_ARRAY] = (deltas, attributes)
         elif name in ("tail_logmass", "tail_tempered"):
             out[name] = (entry[0].astype(dtype), {})
         else:
@@ -152,12 +156,14 @@ def _shard_data(group, records: pa.Table) -> ShardData:
     def get(name: str) -> np.ndarray | None:
         return group[name][...] if name in names else None
 
-    logprobs, step = get("sparse_logprobs"), None
+    logprobs, step, growth = get("sparse_logprobs"), None, None
     tail_logmass, tail_tempered = get("tail_logmass"), get("tail_tempered")
     if OFFSETS_ARRAY in names:  # the offsets encoding: decoded to what the losses read (float32)
         offsets = group[OFFSETS_ARRAY]
         step = float(offsets.attrs[STEP_ATTRIBUTE])
-        logprobs = decode_offsets(get(TOP_ARRAY), offsets[...], step)
+        growth = offsets.attrs.get(GROWTH_ATTRIBUTE)
+        growth = None if growth is None else float(growth)
+        logprobs = decode_offsets(get(TOP_ARRAY), offsets[...], step, growth)
         tail_logmass = None if tail_logmass is None else tail_logmass.astype(np.float32)
         tail_tempered = None if tail_tempered is None else tail_tempered.astype(np.float32)
     return ShardData(
@@ -174,4 +180,5 @@ def _shard_data(group, records: pa.Table) -> ShardData:
         hidden_states=get("hidden_states"),
         hidden_scale=get("hidden_scale"),
         logprob_step=step,
+        logprob_growth=growth,
     )

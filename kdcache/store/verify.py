@@ -49,9 +49,10 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
          f"sparse arrays are not [targets, k={k}]"),
         (data.num_tokens == 0 or (data.input_ids.min() >= 0 and data.input_ids.max() < vocab),
          f"input_ids outside [0, {vocab})"),
-        (data.logprob_step == manifest.sparsifier.logprob_step,
-         f"log-probs are stored {_encoding(data.logprob_step)} but the plan says "
-         f"{_encoding(manifest.sparsifier.logprob_step)}"),
+        ((data.logprob_step, data.logprob_growth) == (manifest.sparsifier.logprob_step,
+                                                      manifest.sparsifier.logprob_growth),
+         f"log-probs are stored {_encoding(data.logprob_step, data.logprob_growth)} but the plan says "
+         f"{_encoding(manifest.sparsifier.logprob_step, manifest.sparsifier.logprob_growth)}"),
     ]
     for good, message in checks:
         if not good:
@@ -73,7 +74,9 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
             return "top-k log-probabilities are positive or not sorted in descending order"
         total = np.logaddexp(np.logaddexp.reduce(logprobs, axis=1), data.tail_logmass.astype(np.float64))
         tolerance = 1e-2 if manifest.sparsifier.logprob_dtype == "float16" else 1e-3
-        tolerance += (data.logprob_step or 0.0) / 2  # each entry within step/2 (kdcache.store.encoding)
+        # Each entry within step/2 (kdcache.store.encoding); with a growth the deeper entries' errors are larger in
+        # nats but weighted by their (small) probabilities in the mass, within the float16 tolerance above.
+        tolerance += (data.logprob_step or 0.0) / 2
         if np.any(np.abs(total) > tolerance):
             return f"top-k mass plus tail mass differs from 1 (worst log-sum {np.abs(total).max():.2e})"
         problem = _check_tail_tempered(data, manifest.sparsifier.tail_temperatures)
@@ -88,8 +91,10 @@ def _check_arrays(manifest: Manifest, entry: CommitRecord, data: ShardData) -> s
     return None
 
 
-def _encoding(step: float | None) -> str:
-    return "plainly" if step is None else f"as offsets in steps of {step:g} nats"
+def _encoding(step: float | None, growth: float | None = None) -> str:
+    if step is None:
+        return "plainly"
+    return f"as offsets in steps of {step:g} nats" + ("" if growth is None else f" growing e-fold every {growth:g} nats")
 
 
 def _check_tail_tempered(data, temperatures) -> str | None:
