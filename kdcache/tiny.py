@@ -1,4 +1,4 @@
-"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama and T5 models built locally from
+"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama, GPT-2 and T5 models built locally from
 configs: for tests, the demo, recipes and benchmarks.
 
 Nothing here downloads anything: the tokenizer is trained on the given texts, the model is randomly initialised.
@@ -97,6 +97,20 @@ def build_llama(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: 
                          eos_token_id=eos_id, attn_implementation="sdpa")
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def build_gpt2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, max_positions: int = 512,
+               seed: int = 0, bos_id: int | None = None, eos_id: int | None = None):
+    """A randomly initialised GPT2LMHeadModel (GPT-2 Large's and DistilGPT-2's architecture: learned positions,
+    tied head) of the given small shape, in fp32, eval mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
+                        n_positions=max_positions, bos_token_id=bos_id, eos_token_id=eos_id,
+                        attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
 
 
 def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, pad_id: int = 0,

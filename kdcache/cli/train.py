@@ -78,8 +78,10 @@ def train_command(config_path, overrides, **options) -> None:
               help="YAML with `base:` settings and a `grid:` of config keys to lists of values (jobs/ablation-*.yaml).")
 @click.option("--out", required=True, help="Folder for the runs and the table (ablation.csv, ablation.md).")
 @click.option("--search", type=click.Choice(["grid", "optuna"]), default="grid", show_default=True,
-              help="Every grid point, or an Optuna TPE search over the grid's values (pip install 'kdcache[optuna]').")
-@click.option("--trials", type=int, default=10, show_default=True, help="Trials for --search optuna.")
+              help="Every grid point, or a seeded Optuna TPE search over the grid's values and {low, high} ranges, "
+                   "pruned on held-out KL, saved in OUT/study.db: re-running resumes it (pip install "
+                   "'kdcache[optuna]').")
+@click.option("--trials", type=int, default=10, show_default=True, help="Finished trials --search optuna runs to (counting those already in OUT/study.db).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key in every run.")
 @friendly_errors
 def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> None:
@@ -92,7 +94,8 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
     keys on a labelled split, plus `metric: accuracy` or macro_f1, ...; see jobs/ablation-upsc-tiny-cpu.yaml),
     each final model is evaluated and the runs are ranked by that task metric, the KL beside it.
     """
-    from kdcache.train.ablate import run_grid, run_optuna
+    from kdcache.train.ablate import run_grid
+    from kdcache.train.search import run_optuna
 
     rows = (run_grid(cache_path, grid_path, out, overrides) if search == "grid"
             else run_optuna(cache_path, grid_path, out, trials, overrides))

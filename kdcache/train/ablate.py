@@ -1,4 +1,5 @@
-"""`kdcache ablate`: many training runs from one cache (a grid, or an Optuna search), one table of final metrics.
+"""`kdcache ablate`: many training runs from one cache (a grid, or an Optuna search: kdcache/train/search.py), one
+table of final metrics.
 
 A grid file holds the settings shared by every run under `base` and the values to vary under `grid`, by config
 key (see jobs/ablation-*.yaml). Each run gets its own folder; re-running the command skips finished runs and
@@ -49,7 +50,8 @@ def _read_eval_section(section, path: str) -> tuple[dict | None, str | None]:
     return section, metric
 
 
-def read_grid(path: str) -> GridSpec:
+def read_grid(path: str, allow_ranges: bool = False) -> GridSpec:
+    """The grid file; `allow_ranges` (the Optuna search) also takes `{low, high, log}` mappings as values."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -58,8 +60,11 @@ def read_grid(path: str) -> GridSpec:
     if not isinstance(grid, dict) or not grid:
         raise BadInputError(f"{path} has no `grid:` mapping of config keys to lists of values")
     for key, values in grid.items():
+        if allow_ranges and isinstance(values, dict):
+            continue  # a float range, checked by kdcache.train.search
         if not isinstance(values, list) or not values:
-            raise BadInputError(f"grid key '{key}' in {path} must map to a non-empty list of values")
+            raise BadInputError(f"grid key '{key}' in {path} must map to a non-empty list of values"
+                                + ("" if allow_ranges else " (ranges {low, high} are for --search optuna)"))
     section, metric = _read_eval_section(data.get("eval"), path)
     return GridSpec(base=data.get("base") or {}, grid=grid, eval=section, metric=metric)
 
@@ -189,40 +194,4 @@ def run_grid(cache: str, grid_path: str, out: str, overrides: tuple[str, ...] = 
         result = train(config)
         rows.append(run_row(spec, cache, name, assignment, config, result))
         write_table(rows, keys, root, spec.metric)  # the table grows as runs finish: a killed grid keeps its results
-    return rows
-
-
-def run_optuna(cache: str, grid_path: str, out: str, trials: int, overrides: tuple[str, ...] = (),
-               seed: int = 0) -> list[dict]:
-    """A TPE search (seeded) over the grid's values as categorical choices: maximising the task metric when the grid
-    has `eval:`, else minimising held-out forward KL."""
-    try:
-        import optuna
-    except ImportError:
-        raise BadInputError("--search optuna needs optuna: pip install 'kdcache[optuna]'") from None
-    spec = read_grid(grid_path)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    keys = list(spec.grid)
-    rows: list[dict] = []
-
-    def objective(trial) -> float:
-        assignment = {k: trial.suggest_categorical(k, spec.grid[k]) for k in keys}
-        name = f"trial-{trial.number:03d}"
-        config = run_config(spec.base, cache, root, name, assignment, overrides)
-        result = train(config)
-        row = run_row(spec, cache, name, assignment, config, result)
-        rows.append(row)
-        write_table(rows, keys, root, spec.metric)
-        if spec.metric is not None:
-            return row[metric_column(spec.metric)]
-        if row["heldout_forward_kl"] is None:
-            raise BadInputError("runs must evaluate at least once (set eval_every <= max_steps) for a search, or "
-                                "add an `eval:` section to rank by a task metric")
-        return row["heldout_forward_kl"]
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if spec.metric else "minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed))
-    study.optimize(objective, n_trials=trials)
     return rows

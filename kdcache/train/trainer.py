@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 import uuid
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,8 +188,11 @@ class _Run:
         self.saved_step = state.step
 
 
-def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResult:
+def train(config: TrainConfig, stop_after_steps: int | None = None,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
     """Train (or resume) a student from `config.cache`; `stop_after_steps` ends early as a kill would (tests).
+    `on_eval` is called with each held-out evaluation's figures (the Optuna search's pruning); an exception it
+    raises ends the run there, as a kill would.
 
     Under torchrun (``WORLD_SIZE`` > 1) this process joins the DDP group first and leaves it at the end.
     """
@@ -204,12 +208,13 @@ def train(config: TrainConfig, stop_after_steps: int | None = None) -> TrainResu
         precision = dataclasses.replace(precision, device=dist.device(precision.device))
         with storage_errors(f"training into {config.out}", "then run the same command again: it resumes from the "
                                                            "last checkpoint"):
-            return _train(config, precision, dist, stop_after_steps)
+            return _train(config, precision, dist, stop_after_steps, on_eval)
     finally:
         dist.shutdown()
 
 
-def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_after_steps: int | None) -> TrainResult:
+def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_after_steps: int | None,
+           on_eval: Callable[[dict], None] | None = None) -> TrainResult:
     """The training loop proper, on one rank of ``dist`` (the only one when not distributed)."""
     check_model_source(config.student, "student")  # "folder not found" before a run folder is made
     out = Path(config.out)
@@ -272,6 +277,9 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
         if state.step % config.save_every == 0 or state.step == config.max_steps or stopped_early:
             run_log.flush()
             run.save_checkpoint(state)
+        if on_eval is not None and config.eval_every and state.step % config.eval_every == 0:
+            run_log.flush()
+            on_eval(state.evals[-1])
     bar.close()
     run_log.close()
     if (state.step >= config.max_steps or stopped_early) and dist.is_main:

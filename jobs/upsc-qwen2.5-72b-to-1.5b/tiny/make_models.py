@@ -1,0 +1,79 @@
+"""The tiny UPSC recipe's models and data, built locally (no download): a byte-level BPE tokenizer trained on the
+shipped UPSC texts, a 2-layer Qwen2-config teacher briefly fitted to the task on the silver rows (it stands in for
+Qwen2.5-72B-Instruct), and a smaller untrained Qwen2-config student with the same tokenizer (Qwen2.5-1.5B's stand-in).
+Articles are cut to their first `words` words, and the first 200 silver and 60 golden rows are kept, so that
+every step is short on a CPU.
+
+    python jobs/upsc-qwen2.5-72b-to-1.5b/tiny/make_models.py storage/models/upsc-tiny
+
+writes teacher/, student/, silver.jsonl and golden.jsonl into that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "upsc"
+# The real recipe's prompt (jobs/teacher-qwen2.5-72b-vllm.yaml) without the chat template and system message.
+PROMPT = "Title: {title}\nArticle: {text}\nWhich UPSC GS paper is this relevant to (GS1, GS2, GS3, GS4 or none)?"
+TARGET = " {gs_paper}"
+
+
+def _rows(name: str, words: int) -> list[dict]:
+    rows = [json.loads(line) for line in (EXAMPLES / name).read_text().splitlines() if line.strip()]
+    return [{**row, "text": " ".join(row["text"].split()[:words])} for row in rows]
+
+
+def fit_teacher(model, tokenizer, rows: list[dict], steps: int, seed: int) -> None:
+    """Next-token training on the answer tokens of prompt + answer: a teacher that knows the task a little."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
+        prompts = [tokenizer(PROMPT.format(**r))["input_ids"] for r in batch]
+        answers = [tokenizer(TARGET.format(**r) + tokenizer.eos_token)["input_ids"] for r in batch]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), length), -100)
+        attention = torch.zeros_like(ids)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+            attention[i, : len(p) + len(a)] = 1
+        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def main(out: str, teacher_steps: int = 120, words: int = 12, silver_rows: int = 200, golden_rows: int = 60
+         ) -> dict[str, str]:
+    from kdcache.tiny import build_qwen2, build_tokenizer, save_model
+
+    silver, golden = _rows("silver.jsonl", words), _rows("golden.jsonl", words)
+    tokenizer = build_tokenizer([PROMPT.format(**r) + TARGET.format(**r) for r in silver + golden], vocab_size=512,
+                                chat=False)
+    silver, golden = silver[:silver_rows], golden[:golden_rows]  # the tokenizer saw every text; the rest is smaller
+    teacher = build_qwen2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=1)
+    fit_teacher(teacher, tokenizer, silver, teacher_steps, seed=1)
+    student = build_qwen2(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=2)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("silver.jsonl", silver), ("golden.jsonl", golden)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"teacher": save_model(teacher, tokenizer, root / "teacher"),
+            "student": save_model(student, tokenizer, root / "student"),
+            "silver": str(root / "silver.jsonl"), "golden": str(root / "golden.jsonl")}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="folder to write teacher/, student/, silver.jsonl and golden.jsonl to")
+    parser.add_argument("--teacher-steps", type=int, default=120)
+    args = parser.parse_args()
+    print(json.dumps(main(args.out, args.teacher_steps), indent=1))
