@@ -31,6 +31,7 @@ Uniform steps (``growth`` None): decoded, ``lp_hat_j = a - c_j * s``. Error boun
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -90,6 +91,14 @@ def _compand(d: np.ndarray, growth: float) -> np.ndarray:
     return np.where(d <= knee, d, knee - growth * np.expm1(-np.maximum(d - knee, 0.0) / growth))
 
 
+@functools.lru_cache(maxsize=8)
+def _expand_table(step: float, growth: float) -> np.ndarray:
+    """float32 [max code + 1]: the decoded offset of every code (read-only)."""
+    table = _expand(np.arange(_max_code(step, growth) + 1, dtype=np.float64) * step, growth).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
 def _expand(u: np.ndarray, growth: float) -> np.ndarray:
     """The inverse of :func:`_compand`: u in [0, 1.5 * growth) -> d (inf from 1.5 * growth on)."""
     knee = growth / 2
@@ -132,8 +141,8 @@ def decode_offsets(anchor: np.ndarray, deltas: np.ndarray, step: float, growth: 
     if growth is None:
         out = anchor.astype(np.float32)[:, None] - codes.astype(np.float32) * np.float32(step)
     else:
-        u = np.where(missing, 0.0, codes.astype(np.float64) * step)
-        out = (anchor.astype(np.float64)[:, None] - _expand(u, growth)).astype(np.float32)
+        table = _expand_table(step, growth)  # one gather instead of a log per entry (the reader's hot loop)
+        out = anchor.astype(np.float32)[:, None] - table[np.minimum(codes, len(table) - 1)]
     out[missing] = -np.inf
     return out
 
