@@ -119,7 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sparsifier.tail_temperatures as a YAML list, e.g. '[]' for none (default: the config's)")
     d.add_argument("--logprob-step", default="null",
                    help="sparsifier.logprob_step of the timed builds: null = plain log-probs (--logprob-dtype, as "
-                        "every figure before issue 13); 0.0078125 = kdcache's default offsets encoding")
+                        "every figure before issue 13); 0.00390625 with --logprob-growth 4 = kdcache's default")
+    d.add_argument("--logprob-growth", default="null",
+                   help="sparsifier.logprob_growth of the timed builds (with --logprob-step): null = a uniform step")
     d.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32",
                    help="sparsifier.logprob_dtype of the timed builds (with offsets: the top-1 and tails' dtype)")
     d.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -178,6 +180,7 @@ def make_config(args, output: str, teacher_dir: str, data_file: str, k: int, log
         f"sparsifier.k={k}",
         f"sparsifier.logprob_dtype={logprob_dtype or args.logprob_dtype}",
         f"sparsifier.logprob_step={logprob_step if logprob_dtype else args.logprob_step}",
+        f"sparsifier.logprob_growth={'null' if logprob_dtype else args.logprob_growth}",
         *([f"sparsifier.tail_temperatures={args.tail_temperatures}"] if args.tail_temperatures is not None else []),
         f"max_length={args.max_length}",
         f"shard_size={args.shard_size}",
