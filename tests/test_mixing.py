@@ -209,3 +209,25 @@ def test_figures_over_several_caches_are_the_pooled_means():
     assert (both["heldout_targets"], both["heldout_answer_targets"]) == (40, 8)
     with pytest.raises(BadInputError, match="every cache is empty"):
         combine_figures([{"heldout_targets": 0}])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_mix_caches_and_resume_exactly(tmp_path, sharp_cache, second_cache, student_dir):
+    from test_trainer_ddp import WORKER, overrides, rank_digests, records, saved_weights, torchrun
+
+    def settings(out: Path) -> list[str]:
+        caches = json.dumps([{"path": sharp_cache, "weight": 1.0}, {"path": second_cache, "weight": 0.5}])
+        return ["cache=", f"caches={caches}", *overrides(sharp_cache, student_dir, out)[1:]]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun("-m", "kdcache.cli", "train", *[arg for o in settings(straight) for arg in ("--set", o)])
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun(str(worker), "4", *settings(resumed))  # killed after step 4 (checkpoint at 3), then resumed
+    lines, again = records(straight), records(resumed)
+    assert [r["loss"] for r in again if "loss" in r] == [r["loss"] for r in lines if "loss" in r]
+    assert [r["heldout_caches"] for r in again if "heldout_kd" in r] == [
+        r["heldout_caches"] for r in lines if "heldout_kd" in r]
+    checkpoint_digest, final_digest = saved_weights(straight)
+    assert rank_digests(resumed) == [checkpoint_digest, checkpoint_digest]  # both ranks hold the same weights
+    assert saved_weights(resumed) == (checkpoint_digest, final_digest)
