@@ -307,10 +307,30 @@ class LossConfig:
 
 
 @dataclass
+class CacheSource:
+    """One of several caches a run trains from (`caches`): its path and how often its batches are drawn."""
+
+    path: str = ""  # a cache folder or fsspec URL
+    weight: float = 1.0  # relative sampling weight: each batch comes from this cache with probability weight / sum
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigValueError("path", "a cache folder or URL", self.path)
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
+                0 < self.weight < math.inf):
+            raise ConfigValueError("weight", "a positive finite number", self.weight)
+        self.weight = float(self.weight)
+
+
+@dataclass
 class TrainConfig:
     """Everything `kdcache train` needs: a cache, a student, and how to train it."""
 
     cache: str = ""
+    # Several caches instead of `cache` (e.g. a gold and a silver one, same tokenizer), as a list of {path, weight}:
+    # each batch is drawn from one of them with probability weight / sum of weights, seeded by `seed`; each keeps its
+    # own heldout_fraction split (docs/training.md). On the command line: --cache A --cache B [--cache-weight W ...].
+    caches: list[CacheSource] = field(default_factory=list)
     verify_checksums: bool = True  # sha256 of every shard file as it is read; false only for a cache verified once
     student: str = ""  # a local folder or a hub id (weights already available locally)
     out: str = ""
@@ -347,6 +367,21 @@ class TrainConfig:
     # loss.hidden_weight > 0: the student layer matched to each cached teacher layer (output_hidden_states indices);
     # [] maps them uniformly (teacher layer t <-> student layer round(t * L_s / L_t)).
     hidden_student_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.caches = [CacheSource(**c) if isinstance(c, dict) else c for c in self.caches]
+        if self.cache and self.caches:
+            raise ConfigValueError("caches", f"empty when cache is set (give one of them; cache={self.cache!r})",
+                                   [c.path for c in self.caches])
+        paths = [c.path for c in self.caches]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ConfigValueError("caches", "distinct paths (raise a weight instead of listing a cache twice)",
+                                   repeated)
+
+    def sources(self) -> list[CacheSource]:
+        """The caches this run trains from: `caches`, or `cache` with weight 1 ([] when neither is set)."""
+        return list(self.caches) if self.caches else [CacheSource(self.cache)] if self.cache else []
 
 
 @dataclass

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
 
 from kdcache.cli.options import config_file_option, config_option, options_to_overrides, set_option
 from kdcache.config import TrainConfig
-from kdcache.errors import friendly_errors
+from kdcache.errors import BadInputError, friendly_errors
 
 _option = functools.partial(config_option, TrainConfig)
 
 
 @click.command("train")
 @config_file_option
-@_option("cache", "--cache", needed=True, help="Cache folder or fsspec URL written by `kdcache cache build`.")
+@_option("cache", "--cache", needed=True, multiple=True,
+         help="Cache folder or fsspec URL written by `kdcache cache build`. Repeat it to train from several caches "
+              "(config key caches): each batch comes from one of them, drawn by weight.")
+@click.option("--cache-weight", "cache_weights", multiple=True, type=float, metavar="W",
+              help="With several --cache: each one's sampling weight, in the same order (default: 1 each).")
 @_option("student", "--student", needed=True,
          help="Student model: a local folder or a hub id with weights available locally.")
 @_option("out", "--out", needed=True,
@@ -38,7 +43,7 @@ _option = functools.partial(config_option, TrainConfig)
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
 @set_option("grad_accum=4")
 @friendly_errors
-def train_command(config_path, overrides, **options) -> None:
+def train_command(config_path, overrides, cache_weights, **options) -> None:
     """Distill a student from a cache alone: the teacher is never loaded.
 
     \b
@@ -50,7 +55,8 @@ def train_command(config_path, overrides, **options) -> None:
     from kdcache.config import load_config
     from kdcache.train.trainer import train
 
-    config = load_config(TrainConfig, config_path, [*options_to_overrides(options), *overrides])
+    caches = cache_overrides(options.pop("cache"), cache_weights)
+    config = load_config(TrainConfig, config_path, [*caches, *options_to_overrides(options), *overrides])
     result = train(config)
     if not result.is_main:  # under torchrun, rank 0 reports for the job
         return
@@ -60,6 +66,11 @@ def train_command(config_path, overrides, **options) -> None:
         click.echo(f"held-out at step {last['step']}, all {last['heldout_targets']} targets: KD loss "
                    f"{last['heldout_kd']:.4f}, forward KL {last['heldout_forward_kl']:.4f}, top-1 agreement with the "
                    f"teacher {last['heldout_top1_agreement']:.3f}")
+        for label, figures in last.get("heldout_caches", {}).items():
+            if figures.get("heldout_targets"):
+                click.echo(f"  {label}, {figures['heldout_targets']} targets: KD loss {figures['heldout_kd']:.4f}"
+                           + (f", top-1 agreement {figures['heldout_top1_agreement']:.3f}"
+                              if "heldout_top1_agreement" in figures else ""))
         if last.get("heldout_answer_targets"):
             click.echo(f"  answer tokens only (no EOS), {last['heldout_answer_targets']} targets: KD loss "
                        f"{last['heldout_kd_answer']:.4f}, forward KL {last['heldout_forward_kl_answer']:.4f}, "
@@ -70,6 +81,20 @@ def train_command(config_path, overrides, **options) -> None:
         if summary["steps_this_run"]:
             click.echo(f"wall time {summary['wall_s']:.1f} s for {summary['steps_this_run']} steps, "
                        f"{summary['tokens_per_s']:,.0f} tokens/s (run_summary.json)")
+
+
+def cache_overrides(paths: tuple[str, ...], weights: tuple[float, ...]) -> list[str]:
+    """The overrides of `--cache` given once (`cache`) or several times with `--cache-weight`s (`caches`); either
+    replaces both keys of a job spec."""
+    if weights and len(weights) != len(paths):
+        raise BadInputError(f"--cache-weight must be given once per --cache ({len(paths)} times), got "
+                            f"{len(weights)} weight(s)")
+    if not paths:
+        return []
+    if len(paths) == 1 and not weights:
+        return [f"cache={json.dumps(paths[0])}", "caches=[]"]
+    weights = weights or (1.0,) * len(paths)
+    return ["cache=''", f"caches={json.dumps([{'path': p, 'weight': w} for p, w in zip(paths, weights)])}"]
 
 
 @click.command("ablate")

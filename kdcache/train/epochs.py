@@ -37,15 +37,18 @@ def count_batches(dataset: CacheDataset) -> int:
     return total
 
 
-def planned_steps(config: TrainConfig, train_data: CacheDataset, all_ranks_sum=None) -> int:
+def planned_steps(config: TrainConfig, train_data, all_ranks_sum=None) -> int:
     """The run's optimizer steps: `max_steps`, or ceil(num_epochs * batches per epoch / grad_accum) (under DDP the
     mean of the ranks' batch counts, `all_ranks_sum` adding a float over ranks), or 100 when neither is set. Both set
-    must agree (a saved train_config.json holds both)."""
+    must agree (a saved train_config.json holds both).
+
+    train_data: a CacheDataset, or a :class:`kdcache.train.mixing.CacheMixture` (several caches), whose epoch is as
+    many batches as its caches' train splits hold together (which cache each comes from is still drawn by weight)."""
     if config.num_epochs is None:
         return DEFAULT_MAX_STEPS if config.max_steps is None else config.max_steps
     if not config.num_epochs > 0:
         raise BadInputError(f"num_epochs must be a positive number, got {config.num_epochs}")
-    batches = float(count_batches(train_data))
+    batches = float(sum(count_batches(d) for d in getattr(train_data, "datasets", [train_data])))
     if all_ranks_sum is not None:
         batches = all_ranks_sum(batches) / train_data.settings.world_size
     if batches == 0:

@@ -30,13 +30,14 @@ from kdcache.errors import BadInputError
 from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
-from kdcache.train.crosstok import tokenizer_role
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.epochs import planned_steps
-from kdcache.train.heldout import evaluate, run_summary
-from kdcache.train.hidden import HiddenProjector, HiddenTerm, check_hidden_for_cache, student_layers_for
+from kdcache.train.heldout import evaluate, evaluate_heldout, run_summary  # noqa: F401 (evaluate: tests import it)
+from kdcache.train.hidden import HiddenProjector, HiddenTerm, student_layers_for
 from kdcache.train.loader import CacheDataset
-from kdcache.train.objective import DistillationObjective, check_loss_for_cache
+from kdcache.train.mixing import (CacheMixture, EndlessBatches, check_loss_for_caches, named_manifests, open_heldout,
+                                  open_train_data)
+from kdcache.train.objective import DistillationObjective
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
 
@@ -127,6 +128,11 @@ class RunLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(scalar_tag(key), value, record["step"])
+            for label, figures in record.get("heldout_caches", {}).items():  # several caches: each one's figures
+                for key, value in figures.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"heldout/{label}/{key.removeprefix('heldout_')}", value,
+                                               record["step"])
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -135,22 +141,6 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-class _Batches:
-    """Training batches without end: when an epoch runs out, the next one starts."""
-
-    def __init__(self, dataset: CacheDataset):
-        self.dataset = dataset
-        self.iterator = iter(dataset)
-
-    def next(self):
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            self.dataset.set_epoch(self.dataset.epoch + 1)
-            self.iterator = iter(self.dataset)
-            return next(self.iterator)
 
 
 @dataclass
@@ -168,8 +158,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    train_data: CacheDataset
-    heldout: CacheDataset
+    train_data: CacheDataset | CacheMixture  # several caches: a CacheMixture (kdcache.train.mixing)
+    heldout: CacheDataset | list[tuple[str, CacheDataset]]  # several caches: (label, held-out split) of each
     saved_step: int | None = None  # the step of the newest checkpoint in `out` (None before the first)
     hidden_term: HiddenTerm | None = None  # loss.hidden_weight > 0: the projector and the matched layers
 
@@ -190,14 +180,14 @@ class _Run:
 
 def train(config: TrainConfig, stop_after_steps: int | None = None,
           on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train (or resume) a student from `config.cache`; `stop_after_steps` ends early as a kill would (tests).
-    `on_eval` is called with each held-out evaluation's figures (the Optuna search's pruning); an exception it
-    raises ends the run there, as a kill would.
+    """Train (or resume) a student from `config.cache` (or `config.caches`); `stop_after_steps` ends early as a kill
+    would (tests). `on_eval` is called with each held-out evaluation's figures (the Optuna search's pruning); an
+    exception it raises ends the run there, as a kill would.
 
     Under torchrun (``WORLD_SIZE`` > 1) this process joins the DDP group first and leaves it at the end.
     """
     for name in ("cache", "student", "out"):
-        if not getattr(config, name):
+        if not (config.sources() if name == "cache" else getattr(config, name)):
             raise BadInputError(f"no {name} given: set --{name}")
     check_output_folder(config.out, "--out")
     precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
@@ -223,18 +213,13 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     tokenizer = load_tokenizer(config.student)
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
                   heldout_fraction=config.heldout_fraction, rank=dist.rank, world_size=dist.world_size,
-                  verify_checksums=config.verify_checksums,
-                  **tokenizer_role(config.loss, config.cache, tokenizer, config.verify_checksums))
-    train_data = CacheDataset(config.cache, split="train", **common)  # refuses another tokenizer unless loss uld
+                  verify_checksums=config.verify_checksums)
+    train_data = open_train_data(config, tokenizer, common)  # refuses another tokenizer unless loss uld
     ranks_sum = (lambda value: dist.all_sum([value], precision.device)[0]) if dist.enabled else None
     config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
-    check_loss_for_cache(config.loss, train_data.manifest)  # before the model is loaded
-    check_hidden_for_cache(config.loss, train_data.manifest)
-    if config.heldout_cache:  # every example of another cache; `cache` keeps its heldout_fraction split
-        heldout = CacheDataset(config.heldout_cache, split="all", shuffle=False, **common)
-    else:
-        heldout = CacheDataset(config.cache, split="heldout", shuffle=False, **common)
+    check_loss_for_caches(config.loss, named_manifests(train_data))  # before the model is loaded
+    heldout = open_heldout(config, tokenizer, common)
     model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
     hidden_term = _hidden_term(config, model, train_data.manifest.hidden, precision.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,7 +247,8 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     bar = tqdm(total=config.max_steps, initial=state.step, desc="train",
                disable=not (config.progress and dist.is_main))
     model.train()
-    batches, first_step, stopped_early = _Batches(train_data), state.step, False
+    batches = train_data if isinstance(train_data, CacheMixture) else EndlessBatches(train_data)
+    first_step, stopped_early = state.step, False
     started, tokens = time.perf_counter(), 0
     while state.step < config.max_steps and not stopped_early:
         if stop_after_steps is not None and state.step - first_step >= stop_after_steps:
@@ -284,7 +270,8 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     run_log.close()
     if (state.step >= config.max_steps or stopped_early) and dist.is_main:
         save_student(model, tokenizer, out / "final", run.projector)
-    summary = run_summary(config, state, first_step, time.perf_counter() - started, tokens)
+    summary = run_summary(config, state, first_step, time.perf_counter() - started, tokens,
+                          train_data.summary() if isinstance(train_data, CacheMixture) else None)
     if dist.is_main:
         (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
@@ -303,7 +290,7 @@ def _hidden_term(config: TrainConfig, model, info, device) -> HiddenTerm | None:
     return HiddenTerm(projector, layers, info.positions, config.loss.hidden_kind, config.loss.hidden_weight)
 
 
-def _optimizer_step(run: _Run, batches: _Batches, step: int) -> dict:
+def _optimizer_step(run: _Run, batches: EndlessBatches | CacheMixture, step: int) -> dict:
     """Optimizer step number ``step``: ``grad_accum`` micro-batches (DDP all-reduces on the last only), loss scaling,
     gradient clipping, the schedule; returns the step's record (losses, lr, gradient norm, tokens/s, loader wait)."""
     config, device = run.config, run.precision.device
@@ -347,9 +334,9 @@ def _show_progress(bar, record: dict) -> None:
 def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> bool:
     """Held-out figures at ``state.step``, logged and kept in ``state``; a new best is saved to best/. True when
     ``patience`` evaluations have passed without a new best (stop early)."""
-    metrics = {"step": state.step, **evaluate(run.model, run.heldout, run.config.loss, run.precision,
-                                              run.config.chunk_size, run.dist,
-                                              getattr(run.tokenizer, "eos_token_id", None), run.hidden_term)}
+    metrics = {"step": state.step, **evaluate_heldout(run.model, run.heldout, run.config.loss, run.precision,
+                                                      run.config.chunk_size, run.dist,
+                                                      getattr(run.tokenizer, "eos_token_id", None), run.hidden_term)}
     run_log.write(metrics)
     state.evals.append(metrics)
     if state.best is None or metrics["heldout_kd"] < state.best:
