@@ -162,6 +162,20 @@ def test_uld_trains_a_t5_student_from_a_decoder_only_teachers_cache(tmp_path, ca
     resumed = train(config(cache, student, tmp_path / "lora", "loss.kind=uld", *lora))  # from the step-2 checkpoint
     assert resumed.step == 4 and (tmp_path / "lora" / "final" / "adapter_config.json").exists()
 
+    from peft import PeftModel
+
+    from kdcache.train.export import merge_adapter
+
+    merge_adapter(str(tmp_path / "lora" / "final"), str(tmp_path / "merged"))  # a plain seq2seq model, no peft
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(student),
+                                        str(tmp_path / "lora" / "final")).eval()
+    ids = torch.tensor([[5, 9, 14, 3, 1]])
+    start = torch.tensor([[merged.config.decoder_start_token_id, 7, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, decoder_input_ids=start).logits,
+                                   adapted(input_ids=ids, decoder_input_ids=start).logits, rtol=1e-4, atol=1e-5)
+
 
 def test_t5_eval_scores_labels_and_generates_as_a_plain_forward_does(tmp_path, unigram, data_file):
     """Eval of an encoder-decoder: label log-likelihoods pinned to ``model(prompt, decoder_input_ids)``, greedy

@@ -11,7 +11,7 @@ from kdcache.errors import BadInputError
 def merge_adapter(adapter: str, out: str, base: str | None = None) -> None:
     """Load base + adapter, merge the LoRA weights in, and save the plain model and tokenizer to `out`."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.exists():
@@ -21,7 +21,8 @@ def merge_adapter(adapter: str, out: str, base: str | None = None) -> None:
     if not base:
         raise BadInputError("the adapter does not name its base model; pass --base")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base)
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(base), "is_encoder_decoder", False))  # T5-family students
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(base)
     except OSError as exc:
         raise BadInputError(f"cannot load the base model '{base}': {exc}") from None
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
