@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -82,6 +83,21 @@ def test_label_scoring_matches_a_direct_computation(sharp_dir, label_eos):
     bf16 = load_model(sharp_dir, device="cpu", dtype="bfloat16")
     low = score_labels(bf16.model, prompts, labels, tok.pad_token_id)
     assert abs(low - scores).max() < 0.5 * abs(scores).max()
+
+
+def test_single_token_labels_are_scored_from_one_forward_over_the_prompts(sharp_dir):
+    """The one-forward path for one-token labels equals a direct computation and the general path (which a
+    two-token label forces), on prompts of different lengths."""
+    loaded = load_model(sharp_dir, device="cpu")
+    tok = loaded.tokenizer
+    prompts = [prompt_ids(template_for(PROMPT), tok, row)[0] for row in rows(5)]
+    labels = [[5], [17], [42], [99]]
+    fast = score_labels(loaded.model, prompts, labels, tok.pad_token_id, vocab_size=len(tok))
+    general = score_labels(loaded.model, prompts, labels + [[5, 6]], tok.pad_token_id, vocab_size=len(tok))[:, :4]
+    np.testing.assert_allclose(fast, general, atol=1e-4)
+    for i, prompt in enumerate(prompts):
+        assert fast[i].tolist() == pytest.approx(direct_logliks(loaded.model, prompt, labels), abs=1e-4)
+    assert fast.std(axis=1).min() > 0.1  # the labels' scores differ: the comparison is not between constants
 
 
 def test_prompt_uses_the_chat_template(tokenizer):

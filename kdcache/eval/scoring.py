@@ -197,6 +197,10 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     if not prompts:
         return np.zeros((0, len(labels)))
     device = device or next(model.parameters()).device
+    if labels and all(len(label) == 1 for label in labels) and not is_encoder_decoder(model) \
+            and decoder_of(model) is not None:
+        return _score_single_token_labels(model, prompts, [label[0] for label in labels], pad_id, device, chunk_size,
+                                          vocab_size)
     sequences, starts = [], []
     for prompt in prompts:
         for label in labels:
@@ -239,6 +243,28 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
     totals.index_add_(0, rows_t, token_logprobs.double())
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
+
+
+def _score_single_token_labels(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], pad_id: int,
+                               device: torch.device, chunk_size: int, vocab_size: int | None) -> np.ndarray:
+    """:func:`score_labels` when every label is one token: one forward over the prompts alone (not one sequence
+    per prompt and label), the next-token log-softmax at each prompt's last position, gathered at the label ids.
+    [len(prompts), len(label_ids)] float64, equal to the general path's (tests/test_eval_scoring.py)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[i, : len(prompt)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    last = mask.sum(1) - 1
+    selected = final_hidden_states(model, ids, mask)[torch.arange(len(prompts), device=device), last]
+    wanted = torch.tensor(list(label_ids), device=device)
+    out = torch.empty((len(prompts), len(label_ids)), dtype=torch.float32, device=device)
+    for part in row_chunks(len(prompts), chunk_size):
+        logits = output_logits(model, selected[part]).float()[:, :vocab_size]
+        out[part] = logits.log_softmax(-1)[:, wanted]
+    return out.double().cpu().numpy()
 
 
 def label_probabilities(logliks: np.ndarray) -> np.ndarray:
