@@ -18,6 +18,10 @@ fast (teacher: 0.40 instead of 0.60 test accuracy for the same steps). Arms (`--
   gold10                label-scarce: hard labels on 10% of the pool's gold labels
   generated             label-scarce: distilled from teacher-generated (greedy) answers on every pool row
   mixed                 label-scarce: gold label on that 10%, the teacher's answer elsewhere, teacher-forced cache
+  hidden_kd_b{0,0.01,0.1,1}
+                        issue 17: fkl_T1_a0.1 from a cache that also holds the teacher's hidden states (layers 1
+                        and last, random projection 128 -> 64, fp16), plus beta * hidden MSE (b0: KD alone, the
+                        control); `--only 'hidden*'` runs just these
 
 Seeds: 2 per arm, 3 for hard and gold10, and a third for the best distilled arm. Every student (and the teacher) is
 scored on the `test` split (accuracy, macro-F1, ECE, agreement with the teacher's predictions, retention = accuracy /
@@ -64,6 +68,9 @@ PROMPT = "Definition: {text}\nCategory:"
 TARGET = " {label}"
 TOPK = 64
 TOPK_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# The `hidden` cache (issue 17): the teacher's state after block 1 and its final (normed) state, each projected by a
+# seeded random orthogonal matrix from 128 to 64 numbers, fp16, at the target positions.
+HIDDEN_CACHE = ["hidden.layers=[1, last]", "hidden.reduction=random", "hidden.dim=64", "hidden.dtype=float16"]
 SAMPLE_K_CANDIDATES = tuple(sorted({base * 2**i for base in (8, 12) for i in range(10)}))  # 8, 12, 16, ..., 6144
 
 
@@ -105,8 +112,9 @@ class Arm:
     temperature: float = 1.0
     alpha: float = 0.1
     dense: bool = False
-    group: str = "distilled"  # hard | distilled | dense | scarce
+    group: str = "distilled"  # hard | distilled | dense | scarce | hidden
     many_seeds: bool = False  # hard-label rows get best_seeds
+    hidden_weight: float = 0.0  # loss.hidden_weight (beta); needs the `hidden` cache
 
 
 def arms() -> list[Arm]:
@@ -117,6 +125,7 @@ def arms() -> list[Arm]:
     out += [Arm(f"dense_T{t}_a0.1", "topk", temperature=float(t), dense=True, group="dense") for t in (1, 2, 4)]
     out += [Arm("gold10", "gold10", alpha=1.0, group="scarce", many_seeds=True),
             Arm("generated", "generated", group="scarce"), Arm("mixed", "mixed", group="scarce")]
+    out += [Arm(f"hidden_kd_b{b:g}", "hidden", hidden_weight=b, group="hidden") for b in (0.0, 0.01, 0.1, 1.0)]
     return out
 
 
@@ -218,6 +227,8 @@ class Bench:
             k = self.byte_match()["sample_k"]
             path = self.build(f"sample{k}", self.files["student"], teacher, ["sparsifier.kind=sample",
                                                                           f"sparsifier.k={k}"])
+        elif key == "hidden":
+            path = self.build("topk64-hidden", self.files["student"], teacher, HIDDEN_CACHE)
         elif key == "topk_match":
             k = self.byte_match()["topk_k"]
             path = self.build(f"topk{k}", self.files["student"], teacher, [f"sparsifier.k={k}"])
@@ -289,6 +300,8 @@ class Bench:
         steps = steps or s.steps
         evals = max(1, steps // 4) if heldout > 0 else 0  # held-out curve at 25, 50, 75, 100% of the run
         loss = [f"loss.kind={arm.loss}", f"loss.temperature={arm.temperature}"] if arm else []
+        if arm and arm.hidden_weight:
+            loss.append(f"loss.hidden_weight={arm.hidden_weight}")
         return [f"cache={cache}", f"student={student}", f"out={out}", "profile=cpu", "lora.enabled=false",
                 f"loss.alpha={alpha}", *loss, f"batch_size={s.batch}", f"lr={lr or s.lr}", f"max_steps={steps}",
                 f"warmup_steps={min(s.warmup, steps // 2)}", f"eval_every={evals}", f"save_every={max(1, steps // 4)}",

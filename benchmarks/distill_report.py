@@ -40,7 +40,8 @@ def curve_summary(metrics_file: str | Path, max_steps: int, marks: tuple[float, 
     for r in records:
         if "heldout_kd" in r:
             curve["heldout"].append({key: r[key] for key in ("step", "heldout_kd", "heldout_forward_kl",
-                                                             "heldout_top1_agreement")})
+                                                             "heldout_top1_agreement", "heldout_hidden_mse")
+                                     if key in r})
     return curve
 
 
@@ -66,6 +67,8 @@ def arm_summary(results: list[dict], teacher: dict) -> dict:
         row["retention"] = _stats([r["test"]["accuracy"] / teacher_accuracy for r in runs])
         row["heldout_accuracy"] = _stats([r["heldout"]["accuracy"] for r in runs])
         row["heldout_forward_kl"] = _stats([r["curve"]["heldout"][-1]["heldout_forward_kl"] for r in runs
+                                            if r.get("curve", {}).get("heldout")])
+        row["heldout_hidden_mse"] = _stats([r["curve"]["heldout"][-1].get("heldout_hidden_mse") for r in runs
                                             if r.get("curve", {}).get("heldout")])
         row["train_seconds"] = _stats([r["train_seconds"] for r in runs])
         row["seeds"] = [r["seed"] for r in runs]
@@ -119,6 +122,27 @@ def checks(summary: dict, best: str | None) -> list[dict]:
         diff = arm["accuracy"]["mean"] - gold["accuracy"]["mean"]
         ok = diff >= 0.10 and arm["ece"]["mean"] < gold["ece"]["mean"]
         out.append(_line(ok, what, f"{_pct(diff)} points; ECE {arm['ece']['mean']:.3f} vs {gold['ece']['mean']:.3f}"))
+    out += hidden_checks(summary)
+    return out
+
+
+def hidden_checks(summary: dict) -> list[dict]:
+    """Issue 17: each KD + hidden MSE arm against KD alone from the same cache (hidden_kd_b0). Not a target, a
+    finding: "helps" only when the mean gain in test accuracy exceeds the larger seed sd, "hurts" when the loss
+    does, else "no difference" (inside the seed spread)."""
+    control, out = summary.get("hidden_kd_b0"), []
+    for name in sorted(n for n in summary if n.startswith("hidden_kd_b") and n != "hidden_kd_b0"):
+        arm, what = summary[name], f"hidden MSE: {name} vs KD alone (hidden_kd_b0), test accuracy"
+        if not control or control["accuracy"]["sd"] is None or arm["accuracy"]["sd"] is None:
+            out.append(_line(None, what, "needs both arms with >= 2 seeds"))
+            continue
+        diff = arm["accuracy"]["mean"] - control["accuracy"]["mean"]
+        spread = max(control["accuracy"]["sd"], arm["accuracy"]["sd"])
+        verdict = "helps" if diff > spread else ("hurts" if diff < -spread else "no difference")
+        out.append({"status": verdict.upper(), "check": what,
+                    "detail": f"{_pct(diff)} points, seed spread {_pct(spread)} points; heldout accuracy "
+                              f"{_pct(arm['heldout_accuracy']['mean'])} vs {_pct(control['heldout_accuracy']['mean'])}; "
+                              f"last held-out hidden MSE {_cell(arm['heldout_hidden_mse'], 1.0, 3)}"})
     return out
 
 
@@ -163,6 +187,8 @@ def markdown(report: dict) -> str:
     for name, row in report["summary"].items():
         arm = report["arms"].get(name, {})
         loss = "dense KL" if arm.get("dense") else ("CE" if arm.get("alpha") == 1.0 else arm.get("loss", "?"))
+        if arm.get("hidden_weight"):
+            loss += f" + {arm['hidden_weight']:g} hidden MSE"
         best = " (best)" if name == report.get("best_distilled") else ""
         lines.append(f"| {name}{best} | {loss} | {arm.get('temperature')} | {arm.get('alpha')} | {arm.get('cache')} "
                      f"| {row['accuracy']['n']} | {_cell(row['accuracy'])} | {_cell(row['macro_f1'])} | "

@@ -1,5 +1,5 @@
-"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama, GPT-2 and T5 models built locally from
-configs: for tests, the demo, recipes and benchmarks.
+"""Small tokenizers (byte-level BPE, SentencePiece-style unigram) and Qwen2, Llama, GPT-2, Gemma and T5 models built
+locally from configs: for tests, the demo, recipes and benchmarks.
 
 Nothing here downloads anything: the tokenizer is trained on the given texts, the model is randomly initialised.
 """
@@ -111,6 +111,26 @@ def build_gpt2(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: i
                         attn_implementation="sdpa")
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
+
+
+def build_gemma(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 2, seed: int = 0,
+                pad_id: int = 0, eos_id: int = 1, bos_id: int | None = None, init_std: float = 0.02):
+    """A randomly initialised GemmaForCausalLM (Gemma-7B/2B's architecture: GeGLU MLP, (1 + w) RMSNorm, embeddings
+    scaled by sqrt(hidden), tied head) of the given small shape, with head_dim = hidden / heads, fp32, eval mode.
+
+    `init_std` is the weights' init scale. The tied head's logits are at most |embedding row| * sqrt(hidden) after
+    the final norm, so a LoRA student (embeddings and norms frozen) of Gemma's default 0.02 can never be confident
+    at hidden 64; a pretrained model has grown those scales, a wider init (e.g. 0.15) stands in for that."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         head_dim=hidden_size // heads, max_position_embeddings=2048, pad_token_id=pad_id,
+                         eos_token_id=eos_id, bos_token_id=bos_id, initializer_range=init_std,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return GemmaForCausalLM(config).eval()
 
 
 def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2, seed: int = 0, pad_id: int = 0,
