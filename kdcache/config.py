@@ -329,8 +329,9 @@ class TrainConfig:
     clip_grad: float = 1.0  # the gradient's global norm is clipped to this
     chunk_size: int = 1024  # target positions projected through the LM head at once
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
-    # Share of the cache's examples held out of training (a hash of each example's row index: the same rows in every
-    # run over the cache) for the held-out figures every eval_every steps; 0 trains on every example.
+    # Share of the cache's examples held out of training (a hash of each example's row index, or of its source_id for
+    # augmented rows: the same rows in every run over the cache) for the held-out figures every eval_every steps; 0
+    # trains on every example.
     heldout_fraction: float = 0.1
     # A separate cache (same tokenizer) whose every example is the held-out set, e.g. with heldout_fraction=0 to
     # train on every example of `cache`; the teacher's figures there are the held-out ones.
@@ -398,7 +399,7 @@ class TypoConfig:
     copies: int = 0  # noisy versions per row; 0: none
     rate: float = 0.25  # typos per word on average (0.25: one typo per four words)
     fields: list[str] = field(default_factory=lambda: ["input"])  # the text fields noised (answers are kept clean)
-    seed: int = 0
+    seed: int = 0  # with the source id and the copy number, seeds each copy's typos
 
     def __post_init__(self) -> None:
         _check_count("copies", self.copies)
@@ -446,7 +447,7 @@ class ParaphraseConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the model that writes them (teacher.model)
     max_new_tokens: int = 96  # longest paraphrase in tokens
     temperature: float = 0.0  # 0: greedy; > 0: seeded sampling (a draw per row and version)
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
     max_length: int = 1024  # longest style prompt + paraphrase in tokens
     seed: int = 0  # the style draws and the sampling seeds
 
