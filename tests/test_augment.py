@@ -221,3 +221,26 @@ def test_paraphrases_versions_determinism_and_resume(tmp_path, tokenizer, paraph
     assert again.prompts == 0
     with pytest.raises(BadInputError, match="other paraphrase settings"):
         augment(config_for(other, data, *settings, "paraphrase.seed=9"), backend=again, tokenizer=tokenizer)
+
+
+def test_cli_summary_and_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+
+    rows = [{"id": "m1", "question": "Which is an asset?", "options": ["Loan", "Cash"], "answer": "B"},
+            {"id": "b1", "sentence": "Assets equal liabilities plus ___.", "answer": "equity"},
+            {"id": "m2", "question": "Which is an asset?", "options": ["Loan", "Cash"], "answer": "b"}]
+    data = write_rows(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["augment", "--data", data, "--id-field", "id", "-o", str(out), "--mcq-to-qa",
+                                       "--blank-to-qa", "--typo-copies", "1", "--typo-rate", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 blank_to_qa, 2 mcq_to_qa" in result.output and "dropped 1 duplicate sources" in result.output
+    written = read_jsonl(out)
+    assert [(r["id"], r["augmentation"]) for r in written] == [("m1", "mcq_to_qa"), ("m1~typo1", "typo"),
+                                                               ("b1", "blank_to_qa"), ("b1~typo1", "typo")]
+    result = CliRunner().invoke(main, ["augment", "--data", data, "-o", str(out), "--typo-rate", "3"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: config key 'typos.rate' must be a number in (0, 1] (typos per word), got 3.0"]
