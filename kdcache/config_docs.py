@@ -28,7 +28,7 @@ DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 #: The job configs a user writes, with the command that reads each.
 TOP_LEVEL = [("kdcache cache build", C.CacheBuildConfig), ("kdcache train", C.TrainConfig),
-             ("kdcache eval", C.EvalConfig)]
+             ("kdcache eval", C.EvalConfig), ("kdcache augment", C.AugmentConfig)]
 
 HEADER = """# Config keys
 

@@ -1,4 +1,4 @@
-"""The `kdcache` command line: cache build|info|verify|finalize|diff, train, ablate, export, eval, compare, demo.
+"""The `kdcache` command line: cache build|info|verify|finalize|diff, augment, train, ablate, export, eval, compare, demo.
 
 One module per subject: cache.py (the `cache` group), train.py (train, ablate, export), eval.py (eval, compare),
 demo.py. Options that set config keys are declared with `options.config_option` and become `key=value` overrides
@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from kdcache.cli.augment import augment_command
 from kdcache.cli.cache import cache
 from kdcache.cli.demo import demo_command
 from kdcache.cli.eval import compare_command, eval_command
@@ -52,5 +53,5 @@ def main(verbose: bool) -> None:
         quiet_library_progress_bars()
 
 
-for _command in (cache, train_command, ablate_command, export_command, eval_command, compare_command, demo_command):
+for _command in (cache, augment_command, train_command, ablate_command, export_command, eval_command, compare_command, demo_command):
     main.add_command(_command)

@@ -38,6 +38,13 @@ class CachedExample:
         """(row index, answer number): unique in a cache, also when the teacher wrote several answers per row."""
         return self.index, int(self.record.get("sample_index") or 0)
 
+    @property
+    def split_key(self) -> int:
+        """What the held-out split hashes: the row index, or for an augmented row a hash of its source id (the
+        records' `split_key`; caches built before it have the row index)."""
+        value = self.record.get("split_key")
+        return self.index if value is None else int(value)
+
 
 def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
     """Refuse a tokenizer other than the cache's; a different embedding size with the same tokenizer is fine."""

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from kdcache.config import CacheBuildConfig
+from kdcache.data.augment import split_key
 from kdcache.data.chat import check_chat_tokenizer, encode_conversation, prompt_of_conversation, resolve_conversations
 from kdcache.data.encode import Encoded, encode, encode_prompt, fit_prompt
 from kdcache.data.spans import example_char_spans
@@ -133,6 +134,10 @@ def _records_table(config: CacheBuildConfig, examples: list[Prepared], targets: 
         "prompt_truncated": pa.array([e.encoded.prompt_truncated for e in examples], pa.int64()),
         "teacher_text": pa.array([e.teacher_text for e in examples], pa.string()),
         "teacher_stopped": pa.array([e.teacher_stopped for e in examples], pa.bool_()),
+        # Provenance of augmented rows (kdcache augment), and the key the held-out split hashes (by source id).
+        "source_id": pa.array([label(e, "source_id") for e in examples], pa.string()),
+        "augmentation": pa.array([label(e, "augmentation") for e in examples], pa.string()),
+        "split_key": pa.array([split_key(e.row.fields, e.row_index) for e in examples], pa.int64()),
     }
     if examples and all(e.char_spans is not None for e in examples):  # kdcache.data.spans: cross-tokenizer students
         columns["target_char_starts"] = pa.array([e.char_spans[0] for e in examples], pa.list_(pa.int32()))

@@ -128,8 +128,8 @@ def plan_epoch(shard_sizes: Sequence[int], *, seed: int, epoch: int, shuffle: bo
 
 def buffer_order(example_indices, *, plan: EpochPlan, buffer: int, rank: int, split: str, heldout_fraction: float,
                  split_seed: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
-    """Positions (int [m]) into a buffer's stored examples (whose source row indices are ``example_indices``, int
-    [n]): those the rank keeps, in the order they are batched.
+    """Positions (int [m]) into a buffer's stored examples (whose split keys are ``example_indices``, int [n]: the
+    source row index, or for augmented rows a hash of their source id): those the rank keeps, in batch order.
 
     1. With a plan ``stride``: example ``j`` of the rank's shard stream (``j = plan.offsets[buffer] + position``)
        is kept when ``j % stride == rank``.

@@ -23,14 +23,18 @@ def count_batches(dataset: CacheDataset) -> int:
     location = dataset.reader.location
     total = 0
     for b, shards in enumerate(plan.buffers):
-        indices, lengths = [], []
+        indices, lengths, keys = [], [], []
         for shard in shards:
             size = dataset.manifest.shards[shard].files[RECORDS_FILE].bytes
             raw = location.read_bytes(f"{location.shard_path(shard)}/{RECORDS_FILE}", size)
-            table = pq.read_table(pa.BufferReader(raw), columns=["example_index", "num_tokens"])
+            records = pq.ParquetFile(pa.BufferReader(raw))
+            # the held-out split hashes split_key (augmented rows: their source id); older caches: the row index
+            key = "split_key" if "split_key" in records.schema_arrow.names else "example_index"
+            table = records.read(columns=sorted({"example_index", "num_tokens", key}))
             indices.extend(table.column("example_index").to_pylist())
             lengths.extend(table.column("num_tokens").to_pylist())
-        order = buffer_order(indices, plan=plan, buffer=b, rank=s.rank, split=s.split,
+            keys.extend(table.column(key).to_pylist())
+        order = buffer_order(keys, plan=plan, buffer=b, rank=s.rank, split=s.split,
                              heldout_fraction=s.heldout_fraction, split_seed=s.split_seed, shuffle=s.shuffle,
                              seed=s.seed, epoch=dataset.epoch)
         total += len(dataset.batch_groups([lengths[i] for i in order], [indices[i] for i in order], b))

@@ -222,7 +222,7 @@ class CacheDataset(IterableDataset):
             stored.extend(split_examples(self.reader.read_shard(shard)))  # CacheFormatError propagates as is
         if self.view is not None:  # the student's own tokens, aligned to the teacher's rows (kdcache.train.crosstok)
             stored = [self.view(e) for e in stored]
-        order = buffer_order([e.index for e in stored], plan=plan, buffer=b, rank=s.rank, split=s.split,
+        order = buffer_order([e.split_key for e in stored], plan=plan, buffer=b, rank=s.rank, split=s.split,
                              heldout_fraction=s.heldout_fraction, split_seed=s.split_seed, shuffle=s.shuffle,
                              seed=s.seed, epoch=self._epoch)
         examples = [stored[i] for i in order]
