@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdcache import config as C
+from kdcache.config_augment import AugmentConfig
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 #: The job configs a user writes, with the command that reads each.
 TOP_LEVEL = [("kdcache cache build", C.CacheBuildConfig), ("kdcache train", C.TrainConfig),
-             ("kdcache eval", C.EvalConfig), ("kdcache augment", C.AugmentConfig)]
+             ("kdcache eval", C.EvalConfig), ("kdcache augment", AugmentConfig)]
 
 HEADER = """# Config keys
 

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config
-from kdcache.config import AugmentConfig, ConvertConfig, load_config
+from kdcache.config import load_config
+from kdcache.config_augment import AugmentConfig, ConvertConfig
 from kdcache.data.augment import add_typos, augment, convert_row, normalize_text, split_key
 from kdcache.data.paraphrase import progress_path
 from kdcache.data.sources import Row

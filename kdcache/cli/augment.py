@@ -7,7 +7,7 @@ import functools
 import click
 
 from kdcache.cli.options import config_file_option, config_option, options_to_overrides, set_option
-from kdcache.config import AugmentConfig
+from kdcache.config_augment import AugmentConfig
 from kdcache.errors import friendly_errors
 
 _option = functools.partial(config_option, AugmentConfig)

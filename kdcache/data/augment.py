@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.config import AugmentConfig, ConvertConfig
+from kdcache.config_augment import AugmentConfig, ConvertConfig
 from kdcache.data.sources import BadRow, Row, read_rows
 from kdcache.errors import BadInputError
 

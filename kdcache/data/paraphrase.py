@@ -15,7 +15,8 @@ import os
 import random
 from pathlib import Path
 
-from kdcache.config import AugmentConfig, CacheBuildConfig, GenerateConfig, TemplateConfig, to_dict
+from kdcache.config import CacheBuildConfig, GenerateConfig, TemplateConfig, to_dict
+from kdcache.config_augment import AugmentConfig
 from kdcache.errors import BadInputError
 
 __all__ = ["paraphrase_sources", "progress_path", "style_choices"]
