@@ -97,6 +97,10 @@ def test_export_leaves_the_projector_out(tmp_path, hidden_cache, student_dir):
     merge_adapter(str(out / "final"), str(tmp_path / "merged"))
     assert not (tmp_path / "merged" / PROJECTOR_FILE).exists()
     assert (out / "final" / PROJECTOR_FILE).exists()
+    card = (tmp_path / "merged" / "README.md").read_text()  # the model card names the cache it was distilled from
+    manifest = json.loads((Path(hidden_cache) / "manifest.json").read_text())
+    assert manifest["plan_hash"] in card and manifest["teacher"]["model"] in card and "hidden_weight 1.0" in card
+    assert "steps: 2" in card and card.startswith("---\nbase_model: ")
 
 
 def test_hidden_term_needs_a_cache_with_hidden_states(tmp_path, sharp_cache, student_dir, hidden_cache):

@@ -135,7 +135,8 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
 @click.option("--base", help="Base model, when not the one named in the adapter's config.")
 @friendly_errors
 def export_command(adapter, out, base) -> None:
-    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment."""
+    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment, with a
+    README.md model card naming the teacher, the cache's plan hash, the loss and the steps."""
     from kdcache.train.export import merge_adapter
 
     merge_adapter(adapter, out, base)

@@ -9,7 +9,8 @@ from kdcache.errors import BadInputError
 
 
 def merge_adapter(adapter: str, out: str, base: str | None = None) -> None:
-    """Load base + adapter, merge the LoRA weights in, and save the plain model and tokenizer to `out`."""
+    """Load base + adapter, merge the LoRA weights in, and save the plain model, its tokenizer and a README.md
+    model card (kdcache.train.model_card) to `out`."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -28,3 +29,6 @@ def merge_adapter(adapter: str, out: str, base: str | None = None) -> None:
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    from kdcache.train.model_card import write_model_card
+
+    write_model_card(adapter, base, out)  # README.md: teacher, cache plan hash, loss, steps, held-out figures
