@@ -33,7 +33,7 @@ def test_the_real_specs_set_the_reports_recipe():
         assert lines[0].startswith("# Run first: ") and f"jobs/{RECIPE.name}/{path.name}" in lines[1], path.name
 
 
-@pytest.mark.recipe
+@pytest.mark.slow
 def test_tiny_recipe_runs_as_written(tmp_path, monkeypatch):
     (tmp_path / "jobs").symlink_to(REPO / "jobs")
     monkeypatch.chdir(tmp_path)

@@ -40,7 +40,7 @@ def test_the_real_specs_load_and_set_the_reports_loss():
                 assert (REPO / arg).is_file(), arg
 
 
-@pytest.mark.recipe
+@pytest.mark.slow
 def test_tiny_recipe_runs_as_written(tmp_path, monkeypatch):
     for name in ("examples", "jobs", "criteria-upsc.yaml"):
         (tmp_path / name).symlink_to(REPO / name)
