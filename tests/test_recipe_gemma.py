@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from kdcache.cli import main
@@ -25,6 +26,7 @@ def kdcache(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_tiny_gemma_recipe_runs_and_beats_the_untrained_student(tmp_path):
     spec = importlib.util.spec_from_file_location("make_models", RECIPE / "make_models.py")
     make_models = importlib.util.module_from_spec(spec)
