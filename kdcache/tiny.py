@@ -148,6 +148,42 @@ def build_t5(vocab_size: int, d_model: int = 64, layers: int = 2, heads: int = 2
     return T5ForConditionalGeneration(config).eval()
 
 
+def fit_teacher(model, tokenizer, examples: list[tuple[str, str]], steps: int, seed: int, lr: float = 3e-3,
+                batch_size: int = 16, answer_only: bool = False) -> None:
+    """Train a tiny decoder-only model on (prompt, answer) pairs with AdamW: a teacher that knows a recipe's task a
+    little. Each step takes the next `batch_size` pairs (cycling). The loss is next-token CE on prompt + answer +
+    EOS tokenised as one text, or with `answer_only` on the answer + EOS tokens alone (prompt and answer tokenised
+    apart), right-padded, padding out of the loss. Leaves the model in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    texts = [prompt + answer + tokenizer.eos_token for prompt, answer in examples]
+    for step in range(steps):
+        picked = [(step * batch_size + i) % len(examples) for i in range(batch_size)]
+        if answer_only:
+            prompts = [tokenizer(examples[j][0])["input_ids"] for j in picked]
+            answers = [tokenizer(examples[j][1] + tokenizer.eos_token)["input_ids"] for j in picked]
+            length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+            ids = torch.full((batch_size, length), tokenizer.pad_token_id)
+            labels = torch.full((batch_size, length), -100)
+            attention = torch.zeros_like(ids)
+            for i, (p, a) in enumerate(zip(prompts, answers)):
+                ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+                labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+                attention[i, : len(p) + len(a)] = 1
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        else:
+            enc = tokenizer([texts[j] for j in picked], return_tensors="pt", padding=True)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            loss = model(**enc, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
 def save_model(model, tokenizer, folder: str | Path) -> str:
     """Save a model and its tokenizer to a folder that `from_pretrained` (and kdcache) can load."""
     folder = str(folder)

@@ -19,33 +19,15 @@ PROMPT = "Question: {question}\nAnswer:"
 TARGET = " {answer}"
 
 
-def fit_teacher(model, tokenizer, rows: list[dict], steps: int, seed: int) -> None:
-    """Next-token training on prompt + answer + EOS: a teacher that knows the answers."""
-    import torch
-
-    torch.manual_seed(seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    texts = [PROMPT.format(**r) + TARGET.format(**r) + tokenizer.eos_token for r in rows]
-    for step in range(steps):
-        batch = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        model(**enc, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def main(out: str, teacher_steps: int = 150, train_rows: int = 40) -> dict[str, str]:
-    from kdcache.tiny import build_gpt2, build_tokenizer, save_model
+    from kdcache.tiny import build_gpt2, build_tokenizer, fit_teacher, save_model
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     tokenizer = build_tokenizer([PROMPT.format(**r) + TARGET.format(**r) for r in rows], vocab_size=400, chat=False)
     tokenizer.padding_side = "right"
     eos = tokenizer.eos_token_id
     teacher = build_gpt2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=1, bos_id=eos, eos_id=eos)
-    fit_teacher(teacher, tokenizer, rows, teacher_steps, seed=1)
+    fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in rows], teacher_steps, seed=1)
     student = build_gpt2(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=2, bos_id=eos, eos_id=eos)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

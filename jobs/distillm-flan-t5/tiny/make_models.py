@@ -18,27 +18,8 @@ PROMPT = "Title: {title}\nWhich UPSC GS paper (GS1, GS2, GS3, GS4 or none)?"
 TARGET = " {gs_paper}"
 
 
-def fit_teacher(model, tokenizer, rows: list[dict], steps: int, seed: int) -> None:
-    """A few hundred steps of plain next-token training on prompt + answer: a teacher that knows the task a little."""
-    import torch
-
-    torch.manual_seed(seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    texts = [PROMPT.format(**r) + TARGET.format(**r) + tokenizer.eos_token for r in rows]
-    for step in range(steps):
-        batch = [texts[(step * 8 + i) % len(texts)] for i in range(8)]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def main(out: str, teacher_steps: int = 150, train_rows: int = 80) -> dict[str, str]:
-    from kdcache.tiny import build_llama, build_t5, build_tokenizer, build_unigram_tokenizer, save_model
+    from kdcache.tiny import build_llama, build_t5, build_tokenizer, build_unigram_tokenizer, fit_teacher, save_model
 
     data = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     texts = [f"{r['title']} {r['text']} {r['gs_paper']}" for r in data]
@@ -46,7 +27,8 @@ def main(out: str, teacher_steps: int = 150, train_rows: int = 80) -> dict[str, 
     bpe.padding_side = "right"
     unigram = build_unigram_tokenizer(texts, vocab_size=400)
     teacher = build_llama(len(bpe), hidden_size=64, layers=2, heads=2, seed=1, eos_id=bpe.eos_token_id)
-    fit_teacher(teacher, bpe, data[:train_rows], teacher_steps, seed=1)
+    fit_teacher(teacher, bpe, [(PROMPT.format(**r), TARGET.format(**r)) for r in data[:train_rows]], teacher_steps,
+                seed=1, batch_size=8)
     student = build_t5(len(unigram), d_model=64, layers=2, heads=2, seed=2, pad_id=unigram.pad_token_id,
                        eos_id=unigram.eos_token_id)
     root = Path(out)

@@ -44,27 +44,8 @@ def synthetic_squad(rows: int, seed: int) -> list[dict]:
     return out
 
 
-def fit_teacher(model, tokenizer, rows: list[dict], steps: int, seed: int) -> None:
-    """Plain next-token training on prompt + answer + EOS: a teacher that knows the task (answers are short)."""
-    import torch
-
-    torch.manual_seed(seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    texts = [PROMPT.format(**r) + TARGET.format(**r) + tokenizer.eos_token for r in rows]
-    for step in range(steps):
-        batch = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def main(out: str, teacher_steps: int = 200, train_rows: int = 240, heldout_rows: int = 60) -> dict[str, str]:
-    from kdcache.tiny import build_gemma, build_tokenizer, save_model
+    from kdcache.tiny import build_gemma, build_tokenizer, fit_teacher, save_model
 
     train, heldout = synthetic_squad(train_rows, seed=0), synthetic_squad(heldout_rows, seed=1)
     texts = [PROMPT.format(**r) + TARGET.format(**r) for r in train + heldout]
@@ -72,7 +53,8 @@ def main(out: str, teacher_steps: int = 200, train_rows: int = 240, heldout_rows
     tokenizer.padding_side = "right"
     ids = {"pad_id": tokenizer.pad_token_id, "eos_id": tokenizer.eos_token_id}
     teacher = build_gemma(len(tokenizer), hidden_size=64, layers=4, heads=2, seed=1, **ids)
-    fit_teacher(teacher, tokenizer, train, teacher_steps, seed=1)
+    fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in train], teacher_steps, seed=1,
+                lr=5e-3)
     student = build_gemma(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=2, init_std=0.15, **ids)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

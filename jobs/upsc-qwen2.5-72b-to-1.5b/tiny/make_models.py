@@ -26,41 +26,17 @@ def _rows(name: str, words: int) -> list[dict]:
     return [{**row, "text": " ".join(row["text"].split()[:words])} for row in rows]
 
 
-def fit_teacher(model, tokenizer, rows: list[dict], steps: int, seed: int) -> None:
-    """Next-token training on the answer tokens of prompt + answer: a teacher that knows the task a little."""
-    import torch
-
-    torch.manual_seed(seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        batch = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
-        prompts = [tokenizer(PROMPT.format(**r))["input_ids"] for r in batch]
-        answers = [tokenizer(TARGET.format(**r) + tokenizer.eos_token)["input_ids"] for r in batch]
-        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), length), -100)
-        attention = torch.zeros_like(ids)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
-            attention[i, : len(p) + len(a)] = 1
-        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 def main(out: str, teacher_steps: int = 120, words: int = 12, silver_rows: int = 200, golden_rows: int = 60
          ) -> dict[str, str]:
-    from kdcache.tiny import build_qwen2, build_tokenizer, save_model
+    from kdcache.tiny import build_qwen2, build_tokenizer, fit_teacher, save_model
 
     silver, golden = _rows("silver.jsonl", words), _rows("golden.jsonl", words)
     tokenizer = build_tokenizer([PROMPT.format(**r) + TARGET.format(**r) for r in silver + golden], vocab_size=512,
                                 chat=False)
     silver, golden = silver[:silver_rows], golden[:golden_rows]  # the tokenizer saw every text; the rest is smaller
     teacher = build_qwen2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=1)
-    fit_teacher(teacher, tokenizer, silver, teacher_steps, seed=1)
+    fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in silver], teacher_steps, seed=1,
+                answer_only=True)
     student = build_qwen2(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=2)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
