@@ -183,6 +183,20 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 # ----------------------------------------------------------------------------------------------- label scoring
 
 
+def _padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None,
+            left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention mask) [len(sequences), longest] long tensors, right-padded (left-padded with
+    `left`, as generation wants), on `device`."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[i, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, span] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
                  device: torch.device | None = None, chunk_size: int = 1024,
@@ -206,13 +220,7 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
         for label in labels:
             sequences.append(list(prompt) + list(label))
             starts.append(len(prompt))
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _padded(sequences, pad_id, device)
     # (row, position predicting the token, token) for every label token of every sequence
     rows, positions, targets = [], [], []
     for i, seq in enumerate(sequences):
@@ -250,13 +258,7 @@ def _score_single_token_labels(model, prompts: Sequence[Sequence[int]], label_id
     """:func:`score_labels` when every label is one token: one forward over the prompts alone (not one sequence
     per prompt and label), the next-token log-softmax at each prompt's last position, gathered at the label ids.
     [len(prompts), len(label_ids)] float64, equal to the general path's (tests/test_eval_scoring.py)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[i, : len(prompt)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _padded(prompts, pad_id, device)
     last = mask.sum(1) - 1
     selected = final_hidden_states(model, ids, mask)[torch.arange(len(prompts), device=device), last]
     wanted = torch.tensor(list(label_ids), device=device)
@@ -287,12 +289,7 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens:
         return []
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[i, width - len(prompt):] = 1
+    ids, mask = _padded(prompts, pad_id, left=True)
     from transformers import GenerationConfig
 
     rows = model.get_output_embeddings().weight.shape[0]
@@ -301,7 +298,7 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens:
                               suppress_tokens=list(range(len(tokenizer), rows)) or None)
     output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     # An encoder-decoder returns its decoder's tokens only, after the start token; a causal LM the prompt too.
-    new_tokens = output[:, 1 if is_encoder_decoder(model) else width:].cpu().tolist()
+    new_tokens = output[:, 1 if is_encoder_decoder(model) else ids.shape[1]:].cpu().tolist()
     texts = []
     for tokens in new_tokens:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:
