@@ -330,6 +330,27 @@ def time_read(url: str, repeats: int) -> dict:
 
 
 @contextlib.contextmanager
+def write_timer():
+    """Seconds spent in write_shard_files while the block runs (one wrapper call per shard), in ``spent[0]``."""
+    import kdcache.store.writer as writer
+
+    spent, original = [0.0], writer.write_shard_files
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    writer.write_shard_files = timed
+    try:
+        yield spent
+    finally:
+        writer.write_shard_files = original
+
+
+@contextlib.contextmanager
 def phase_timers():
     """Wrap the build's phases (functions it looks up by name at call time) with wall-clock accumulators."""
     import importlib
@@ -429,6 +450,7 @@ def main(argv=None) -> int:
         time_plain(model, batches, device)
         time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
         plain_s, build_s, decoder_s, phases, versus_s = [], [], [], [], []
+        build_write_s, versus_write_s = [], []
         manifest = None
         # With --breakdown on the CPU the timed builds themselves are instrumented (a few hundred wrapper calls,
         # microseconds); on CUDA the wrappers synchronize, so an extra build is instrumented instead.
@@ -437,13 +459,22 @@ def main(argv=None) -> int:
             plain_s.append(time_plain(model, batches, device))
             if args.breakdown:
                 decoder_s.append(time_plain(model, batches, device, decoder_only=True))
-            with phase_timers() if instrument_timed else contextlib.nullcontext({}) as totals:
+            def versus():  # the same build with plain float32 log-probs; its shard-writing time kept apart
+                with write_timer() as spent:
+                    versus_s.append(time_build(args, backend, tokenizer, scratch / "plain-f32", teacher_dir,
+                                               data_file, args.k, "float32")[0])
+                versus_write_s.append(spent[0])
+
+            if args.versus_plain and len(build_s) % 2:  # alternate which of the two builds runs first
+                versus()
+            with phase_timers() if instrument_timed else contextlib.nullcontext({}) as totals, \
+                    write_timer() as spent:
                 seconds, manifest = time_build(args, backend, tokenizer, timed_out, teacher_dir, data_file, args.k)
             build_s.append(seconds)
+            build_write_s.append(spent[0])
             phases.append({WHOLE: seconds, **totals})
-            if args.versus_plain:
-                versus_s.append(time_build(args, backend, tokenizer, scratch / "plain-f32", teacher_dir, data_file,
-                                           args.k, "float32")[0])
+            if args.versus_plain and len(versus_s) < len(build_s):
+                versus()
         plain_med, build_med = statistics.median(plain_s), statistics.median(build_s)
         figures: dict = {
             "machine": machine,
@@ -462,8 +493,12 @@ def main(argv=None) -> int:
             },
         }
         if versus_s:
+            paired = [(b - v) / p for b, v, p in zip(build_s, versus_s, plain_s)]  # the encoding's cost, per repeat
+            writes = [(b - v) / p for b, v, p in zip(build_write_s, versus_write_s, plain_s)]
             figures["timing"].update(versus_plain_s=versus_s, versus_plain_median_s=statistics.median(versus_s),
-                                     versus_plain_ratio=statistics.median(versus_s) / plain_med)
+                                     versus_plain_ratio=statistics.median(versus_s) / plain_med,
+                                     paired_cost=paired, build_write_s=build_write_s, versus_write_s=versus_write_s,
+                                     write_cost=writes)
 
         # Optional: where the build's time goes.
         if args.breakdown:
@@ -536,6 +571,12 @@ def report(figures: dict, args) -> None:
               + ", ".join(f"{s:.3f}" for s in t["versus_plain_s"]))
         print(f"   {'ratio plain-f32 build / plain':<28}{t['versus_plain_ratio']:>10.3f}   (the encoding's cost: "
               f"{t['ratio'] - t['versus_plain_ratio']:+.3f})")
+        paired, writes = sorted(t["paired_cost"]), sorted(t["write_cost"])
+        print(f"   {'paired (enc - f32) / plain':<28}{statistics.median(paired):>+10.3f}   per repeat, median; "
+              f"range {paired[0]:+.3f} .. {paired[-1]:+.3f}")
+        print(f"   {'  of it, writing shards':<28}{statistics.median(writes):>+10.3f}   (write_shard_files: "
+              f"{statistics.median(t['build_write_s']):.3f} s encoded vs {statistics.median(t['versus_write_s']):.3f} s "
+              f"float32 per build, medians)")
     print(f"   {'build target tokens/s':<28}{t['build_targets_per_s']:>10,.0f}")
     print(f"   {'build input tokens/s':<28}{t['build_tokens_per_s']:>10,.0f}   "
           f"(plain: {t['plain_tokens_per_s']:,.0f})")
