@@ -217,6 +217,28 @@ def output_logits(model, hidden: Tensor) -> Tensor:
     return logits
 
 
+def linear_head_weight(model) -> Tensor | None:
+    """The LM head's weight [rows, H] when :func:`output_logits` is exactly ``hidden @ weight.T`` (a plain bias-free
+    ``nn.Linear`` with no hooks, no output scale or soft-cap, not a distributed tensor), so a loss may do the
+    projection itself (:func:`kdcache.train.fused.ce_and_kd_from_head`); None otherwise (LoRA or quantised heads,
+    T5's scaled decoder output, Gemma's soft-cap, FSDP-sharded heads), where the caller calls the head module."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    hooks = torch.nn.modules.module
+    if head._forward_pre_hooks or head._forward_hooks or hooks._global_forward_pre_hooks or hooks._global_forward_hooks:
+        return None
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if getattr(config, "scale_decoder_outputs", False) or getattr(config, "final_logit_softcapping", None) or (
+            isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1):
+        return None
+    weight = head.weight
+    if type(weight) is not torch.nn.Parameter:  # e.g. a DTensor under FSDP
+        return None
+    return weight
+
+
 def row_chunks(num_rows: int, chunk_size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``chunk_size`` rows covering ``range(num_rows)``."""
     if chunk_size < 1:

@@ -9,7 +9,7 @@ from test_losses import BETA, SKEW, make_logits, make_targets
 
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import BUCKET_KINDS
-from kdcache.train.fused import ce_and_kd, ce_and_student_buckets
+from kdcache.train.fused import ce_and_kd, ce_and_kd_from_head, ce_and_student_buckets
 from kdcache.train.losses import LossConfig, bucket_logprobs, distillation_loss, hard_ce, kd_loss
 
 
@@ -170,3 +170,64 @@ def test_distillation_loss_reference_agrees_with_the_fused_mix():
     ce, kd = ce_and_kd(cfg, s, labels, targets)
     keep = (labels != -100).float()
     torch.testing.assert_close(total, 0.3 * (ce * keep).sum() / keep.sum() + 0.7 * kd.mean())
+
+
+def _head_inputs(N, H, rows, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=dtype)
+    weight = torch.randn(rows, H, generator=g, dtype=dtype) / H**0.5 * 3
+    return hidden, weight
+
+
+@pytest.mark.parametrize("kind", BUCKET_KINDS)
+@pytest.mark.parametrize("T", [0.7, 1.0, 2.0])
+@pytest.mark.parametrize("with_ce", [True, False])
+@pytest.mark.parametrize("k", [1, 5])
+def test_from_head_equals_the_unfused_loss_on_its_logits(kind, T, with_ce, k):
+    """ce_and_kd_from_head(hidden, W) = hard_ce + kd_loss on hidden @ W[:V].T: values, and gradients w.r.t. the
+    hidden states and the whole weight (rows past V, the embedding padding, get zero)."""
+    N, H, V, rows = 7, 6, 19, 23
+    hidden, weight = _head_inputs(N, H, rows, seed=k)
+    t, _ = make_logits(N, V, seed=31)
+    targets = make_targets(t, k)
+    labels = _labels(N, V, seed=6, ignored=(2,))
+    w_ce, w_kd = torch.linspace(0.2, 1.0, N, dtype=torch.float64), torch.linspace(1.0, 0.1, N, dtype=torch.float64)
+    cfg = LossConfig(kind=kind, alpha=0.4 if with_ce else 0.0, temperature=T, skew=SKEW, beta=BETA)
+
+    def fused(h, w):
+        ce, kd = ce_and_kd_from_head(cfg, h, w, V, labels if with_ce else None, targets)
+        if not with_ce:
+            assert not ce.any()
+        return cfg.alpha * (ce * w_ce).sum() + (1 - cfg.alpha) * (kd * w_kd).sum()
+
+    def unfused(h, w):
+        return _unfused_loss(cfg, h @ w[:V].T, labels, targets, w_ce, w_kd)
+
+    grads = []
+    for fn in (fused, unfused):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fn(h, w)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, (h, w))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert not grads[0][2][V:].any() and grads[0][2][:V].abs().sum() > 0
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_from_head_gradcheck_and_frozen_head(T):
+
+    N, H, V = 4, 3, 7
+    hidden, weight = _head_inputs(N, H, V + 2, seed=3)
+    t, _ = make_logits(N, V, seed=8)
+    targets = make_targets(t, 3)
+    labels = torch.tensor([3, -100, 0, 6])
+    cfg = LossConfig(kind="forward_kl", alpha=0.3, temperature=T)
+
+    def f(h, w):
+        ce, kd = ce_and_kd_from_head(cfg, h, w, V, labels, targets)
+        return (ce * torch.arange(1.0, N + 1, dtype=torch.float64)).sum() + kd.sum()
+
+    assert torch.autograd.gradcheck(f, (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)))
+    h = hidden.clone().requires_grad_(True)  # a frozen head (LoRA students): only the hidden states get a gradient
+    f(h, weight).backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import make_config
 
+import kdcache.train.fused as fused
 import kdcache.train.objective as objective
+from kdcache.modeling import linear_head_weight
 from kdcache.targets import SparseTargets
 from kdcache.teacher.build import build_cache
 from kdcache.tiny import build_qwen2
@@ -26,8 +28,15 @@ def batch(tmp_path_factory, teacher_dir, data_file):
     return batch, dataset.vocab_size
 
 
-def student(vocab_rows: int):
+def student(vocab_rows: int, head: str = "linear"):
+    """A tiny Qwen2; ``head="hooked"`` puts a no-op hook on its LM head, so the loss calls the head module (under
+    checkpointing) instead of projecting with its weight in the fused Function (kdcache.modeling.linear_head_weight)."""
     model = build_qwen2(vocab_rows, hidden_size=32, layers=1, heads=2, seed=7)
+    if head == "hooked":
+        model.get_output_embeddings().register_forward_hook(lambda module, args, output: None)
+        assert linear_head_weight(model) is None
+    else:
+        assert linear_head_weight(model) is not None
     return model.train()
 
 
@@ -72,11 +81,12 @@ CONFIGS = {
 CASES = [("fkl_ce", 1), ("fkl_ce", 3), ("fkl_ce", 1000), ("rkl", 3), ("jsd_topk", 1), ("ce_only", 1000)]
 
 
+@pytest.mark.parametrize("head", ["linear", "hooked"])
 @pytest.mark.parametrize("config,chunk_size", CASES, ids=[f"{c}-{n}" for c, n in CASES])
-def test_chunked_equals_full_logits(batch, config, chunk_size):
+def test_chunked_equals_full_logits(batch, config, chunk_size, head):
     batch, vocab = batch
     config = CONFIGS[config]
-    model = student(vocab)
+    model = student(vocab, head)
     expected = loss_and_grads(lambda: reference(model, batch, config), model)
     got = loss_and_grads(lambda: chunked_distillation_loss(
         model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels, config,
@@ -101,11 +111,12 @@ def test_weights_and_ignored_labels(batch):
     assert_same(got, expected)
 
 
+@pytest.mark.parametrize("head", ["linear", "hooked"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
-def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size):
+def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size, head):
     batch, vocab = batch
     config = LossConfig(kind="forward_kl", alpha=0.5)
-    model = student(vocab + 40)  # embedding rows past the tokenizer, as Qwen2.5 has
+    model = student(vocab + 40, head)  # embedding rows past the tokenizer, as Qwen2.5 has
     expected = loss_and_grads(lambda: reference(model, batch, config, vocab_size=vocab), model)
     got = loss_and_grads(lambda: chunked_distillation_loss(
         model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, None, config,
@@ -118,6 +129,35 @@ def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size)
                                   None, config, vocab_size=vocab + 41)
 
 
+def test_a_linear_head_makes_logits_one_chunk_at_a_time_and_remakes_only_them_in_backward(batch, monkeypatch):
+    """With a plain head the fused Function projects each chunk itself: forward runs the loss passes once per chunk
+    (no checkpoint replays them in backward), and backward remakes each chunk's logits for its gradient."""
+    batch, vocab = batch
+    forwards, backwards = [], []
+    original_forward, original_grad = fused._forward, fused._grad_logits
+
+    def recording_forward(logits, *rest):
+        forwards.append(tuple(logits.shape))
+        return original_forward(logits, *rest)
+
+    def recording_grad(logits, *rest):
+        backwards.append(tuple(logits.shape))
+        return original_grad(logits, *rest)
+
+    monkeypatch.setattr(fused, "_forward", recording_forward)
+    monkeypatch.setattr(fused, "_grad_logits", recording_grad)
+    model = student(vocab)
+    n, chunk = batch.num_targets, 3
+    loss, _ = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                        batch.targets, batch.labels, LossConfig(), chunk_size=chunk)
+    chunks = -(-n // chunk)
+    assert len(forwards) == chunks and all(rows <= chunk and width == vocab for rows, width in forwards)
+    assert sum(rows for rows, _ in forwards) == n and not backwards
+    loss.backward()
+    assert len(forwards) == chunks  # the loss passes did not run again
+    assert sorted(backwards) == sorted(forwards)  # each chunk's logits remade once, for its gradient
+
+
 def test_logits_exist_one_chunk_at_a_time_and_are_recomputed_in_backward(batch, monkeypatch):
     batch, vocab = batch
     calls = []
@@ -128,7 +168,7 @@ def test_logits_exist_one_chunk_at_a_time_and_are_recomputed_in_backward(batch, 
         return original(model, hidden)
 
     monkeypatch.setattr(objective, "output_logits", recording)
-    model = student(vocab)
+    model = student(vocab, "hooked")
     n, chunk = batch.num_targets, 3
     loss, _ = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask,
                                         batch.targets, batch.labels, LossConfig(), chunk_size=chunk)

@@ -14,13 +14,20 @@ Notation of the backward, as in ``_StudentBuckets``: ``g_top`` [n, k] and ``g_ta
 the bucket log-probabilities, ``G = sum(g_top) + g_tail``, ``g_ce`` [n] the upstream gradient of the CE, ``p``
 the softmax at T. Nothing ``[n, V]`` is saved but the caller's logits.
 
+:class:`_HeadCEAndBuckets` does the same from the hidden states and a plain LM head's weight: it makes the logits
+itself and remakes them in backward by one matmul, saving nothing ``[n, V]`` (so the caller needs no activation
+checkpoint, which would have run the whole forward, loss passes included, a second time). The logits' gradient is
+then ``g``, and the inputs' are ``g @ W`` and ``g.T @ hidden``.
+
 :func:`ce_and_kd` is the per-position pair ``(hard_ce, kd_loss)`` with ``reduction="none"``, fused for every
-bucket kind (:data:`kdcache.train.buckets.BUCKET_KINDS`) and computed apart for the others.
+bucket kind (:data:`kdcache.train.buckets.BUCKET_KINDS`) and computed apart for the others;
+:func:`ce_and_kd_from_head` is the same pair from hidden states and a head weight.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdcache.config import LossConfig
@@ -36,7 +43,65 @@ from kdcache.train.buckets import (
 )
 from kdcache.train.losses import hard_ce, kd_loss, prepared_targets
 
-__all__ = ["ce_and_kd", "ce_and_student_buckets"]
+__all__ = ["ce_and_kd", "ce_and_kd_from_head", "ce_and_student_buckets"]
+
+
+def _forward(logits: Tensor, labels: Tensor, keep: Tensor, ids: Tensor, valid: Tensor,
+             T: float) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(ce [n], log_p [n, k+1], stats)`` from logits [n, V]; ``stats`` is what :func:`_grad_logits` needs besides
+    the logits: ``(ids_safe, valid_safe, lse, lse_tail, lse1)``, nothing wider than [n, k]."""
+    dtype = _compute_dtype(logits)
+    same_t = T == 1.0
+    zs = torch.div(logits.to(dtype), T)  # always a new tensor: the tail mask below writes into it
+    lse = torch.logsumexp(zs, dim=-1)
+    z1 = zs if same_t else logits.to(dtype)
+    lse1 = lse if same_t else torch.logsumexp(z1, dim=-1)
+    ce = torch.where(keep, lse1 - z1.gather(1, labels[:, None]).squeeze(1), torch.zeros_like(lse1))
+    del z1
+    gathered = zs.gather(1, ids)
+    lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
+    # Padding columns are redirected to column 0's id, so duplicate writes always agree (as in _StudentBuckets).
+    ids_safe = torch.where(valid, ids, ids[:, :1])
+    valid_safe = valid | valid[:, :1]
+    masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
+                                                  zs.gather(1, ids_safe)))
+    lse_tail = torch.logsumexp(masked, dim=-1)
+    del zs, masked
+    return ce, torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1), (ids_safe, valid_safe, lse, lse_tail, lse1)
+
+
+def _grad_logits(logits: Tensor, labels: Tensor, keep: Tensor, valid: Tensor, stats: tuple[Tensor, ...], T: float,
+                 grad_ce: Tensor | None, grad: Tensor | None) -> Tensor:
+    """The gradient [n, V] (compute dtype) of ``(ce, log_p)`` of :func:`_forward` w.r.t. the logits, given the
+    upstream gradients ``grad_ce`` [n] and ``grad`` [n, k+1] (None = zero)."""
+    ids_safe, valid_safe, lse, lse_tail, lse1 = stats
+    dtype = _compute_dtype(logits)
+    n = logits.shape[0]
+    g_ce = torch.zeros(n, dtype=dtype, device=logits.device) if grad_ce is None else grad_ce.to(dtype)
+    g_ce = torch.where(keep, g_ce, torch.zeros_like(g_ce))
+    if grad is None:
+        grad = torch.zeros(n, ids_safe.shape[1] + 1, dtype=dtype, device=logits.device)
+    grad = grad.to(dtype)
+    tail_finite = torch.isfinite(lse_tail)
+    g_top = torch.where(valid, grad[:, :-1], torch.zeros_like(grad[:, :-1]))
+    g_tail = torch.where(tail_finite, grad[:, -1], torch.zeros_like(grad[:, -1]))
+    total = g_top.sum(dim=-1) + g_tail
+    # At T = 1 the CE's softmax is the buckets' p: fold g_ce into p's coefficient (the result is not divided).
+    g_p = (g_ce - total) if T == 1.0 else -total  # coefficient of p_i
+    tail_mass = torch.where(tail_finite, (lse_tail - lse).exp(), torch.zeros_like(lse))
+    safe_tail = torch.where(tail_finite, lse_tail, torch.full_like(lse_tail, float("inf")))
+    zs = torch.div(logits.to(dtype), T)
+    # Tail columns: p_i * g_p + g_tail * p_i / P_R = e_i * (P_R * g_p + g_tail), e_i = exp(zs_i - lse_tail) <= 1.
+    p_ids = (zs.gather(1, ids_safe) - lse[:, None]).exp()
+    out = zs.sub_(safe_tail[:, None]).exp_().mul_((tail_mass * g_p + g_tail)[:, None])
+    # Id columns: p_i * g_p + g_j (written, so that e_i > 1 or inf there never enters).
+    out.scatter_(1, ids_safe, torch.where(valid_safe, p_ids * g_p[:, None], out.gather(1, ids_safe)))
+    out.scatter_add_(1, ids_safe, g_top)
+    if T != 1.0:
+        out.div_(T)
+        out.add_(logits.to(dtype).sub(lse1[:, None]).exp_().mul_(g_ce[:, None]))
+    out.scatter_add_(1, labels[:, None], -g_ce[:, None])
+    return out
 
 
 class _CEAndBuckets(torch.autograd.Function):
@@ -46,59 +111,52 @@ class _CEAndBuckets(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, keep: Tensor, ids: Tensor, valid: Tensor,
                 temperature: float) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(logits)
-        T = temperature
-        same_t = T == 1.0
-        zs = torch.div(logits.to(dtype), T)  # always a new tensor: the tail mask below writes into it
-        lse = torch.logsumexp(zs, dim=-1)
-        z1 = zs if same_t else logits.to(dtype)
-        lse1 = lse if same_t else torch.logsumexp(z1, dim=-1)
-        ce = torch.where(keep, lse1 - z1.gather(1, labels[:, None]).squeeze(1), torch.zeros_like(lse1))
-        del z1
-        gathered = zs.gather(1, ids)
-        lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
-        # Padding columns are redirected to column 0's id, so duplicate writes always agree (as in _StudentBuckets).
-        ids_safe = torch.where(valid, ids, ids[:, :1])
-        valid_safe = valid | valid[:, :1]
-        masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
-                                                      zs.gather(1, ids_safe)))
-        lse_tail = torch.logsumexp(masked, dim=-1)
-        del zs, masked
-        ctx.save_for_backward(logits, labels, keep, ids_safe, valid, valid_safe, lse, lse_tail, lse1)
-        ctx.temperature = T
-        return ce, torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1)
+        ce, log_p, stats = _forward(logits, labels, keep, ids, valid, temperature)
+        ctx.save_for_backward(logits, labels, keep, valid, *stats)
+        ctx.temperature = temperature
+        return ce, log_p
 
     @staticmethod
     def backward(ctx, grad_ce: Tensor | None, grad: Tensor | None):
-        logits, labels, keep, ids_safe, valid, valid_safe, lse, lse_tail, lse1 = ctx.saved_tensors
-        T = ctx.temperature
-        dtype = _compute_dtype(logits)
-        n = logits.shape[0]
-        g_ce = torch.zeros(n, dtype=dtype, device=logits.device) if grad_ce is None else grad_ce.to(dtype)
-        g_ce = torch.where(keep, g_ce, torch.zeros_like(g_ce))
-        if grad is None:
-            grad = torch.zeros(n, ids_safe.shape[1] + 1, dtype=dtype, device=logits.device)
-        grad = grad.to(dtype)
-        tail_finite = torch.isfinite(lse_tail)
-        g_top = torch.where(valid, grad[:, :-1], torch.zeros_like(grad[:, :-1]))
-        g_tail = torch.where(tail_finite, grad[:, -1], torch.zeros_like(grad[:, -1]))
-        total = g_top.sum(dim=-1) + g_tail
-        # At T = 1 the CE's softmax is the buckets' p: fold g_ce into p's coefficient (the result is not divided).
-        g_p = (g_ce - total) if T == 1.0 else -total  # coefficient of p_i
-        tail_mass = torch.where(tail_finite, (lse_tail - lse).exp(), torch.zeros_like(lse))
-        safe_tail = torch.where(tail_finite, lse_tail, torch.full_like(lse_tail, float("inf")))
-        zs = torch.div(logits.to(dtype), T)
-        # Tail columns: p_i * g_p + g_tail * p_i / P_R = e_i * (P_R * g_p + g_tail), e_i = exp(zs_i - lse_tail) <= 1.
-        p_ids = (zs.gather(1, ids_safe) - lse[:, None]).exp()
-        out = zs.sub_(safe_tail[:, None]).exp_().mul_((tail_mass * g_p + g_tail)[:, None])
-        # Id columns: p_i * g_p + g_j (written, so that e_i > 1 or inf there never enters).
-        out.scatter_(1, ids_safe, torch.where(valid_safe, p_ids * g_p[:, None], out.gather(1, ids_safe)))
-        out.scatter_add_(1, ids_safe, g_top)
-        if T != 1.0:
-            out.div_(T)
-            out.add_(logits.to(dtype).sub(lse1[:, None]).exp_().mul_(g_ce[:, None]))
-        out.scatter_add_(1, labels[:, None], -g_ce[:, None])
+        logits, labels, keep, valid, *stats = ctx.saved_tensors
+        out = _grad_logits(logits, labels, keep, valid, tuple(stats), ctx.temperature, grad_ce, grad)
         return out.to(logits.dtype), None, None, None, None, None
+
+
+class _HeadCEAndBuckets(torch.autograd.Function):
+    """:class:`_CEAndBuckets` from hidden states [n, H] and a bias-free LM head ``weight`` [V_rows, H] (its first
+    ``vocab`` rows): the logits are made in forward, dropped, and remade in backward by one matmul, so neither the
+    logits nor a recomputation of the loss passes is needed (under checkpointing the whole chunk's forward ran
+    twice). The matmuls run under the forward's autocast state, as ``F.linear`` would."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, vocab: int, labels: Tensor, keep: Tensor, ids: Tensor,
+                valid: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        logits = F.linear(hidden, weight[:vocab])
+        ce, log_p, stats = _forward(logits, labels, keep, ids, valid, temperature)
+        del logits
+        ctx.save_for_backward(hidden, weight, labels, keep, valid, *stats)
+        ctx.vocab, ctx.temperature = vocab, temperature
+        return ce, log_p
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor | None, grad: Tensor | None):
+        hidden, weight, labels, keep, valid, *stats = ctx.saved_tensors
+        device, enabled, cast = ctx.autocast
+        head = weight[:ctx.vocab]
+        with torch.autocast(device, dtype=cast, enabled=enabled):
+            logits = F.linear(hidden, head)
+        g = _grad_logits(logits, labels, keep, valid, tuple(stats), ctx.temperature, grad_ce, grad).to(logits.dtype)
+        del logits
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (g @ head.to(g.dtype)).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            grad_weight[:ctx.vocab] = (g.t() @ hidden.to(g.dtype)).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def ce_and_student_buckets(student_logits: Tensor, labels: Tensor, targets: SparseTargets, temperature: float = 1.0,
@@ -109,12 +167,42 @@ def ce_and_student_buckets(student_logits: Tensor, labels: Tensor, targets: Spar
     student_logits: [N, V]; labels: [N] ids (``ignore_index`` = leave out); targets: topk or sample targets [N].
     """
     _check_logits(student_logits, targets)
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(f"labels must be [N] = [{student_logits.shape[0]}], got shape {tuple(labels.shape)}")
-    labels = labels.to(device=student_logits.device, dtype=torch.long)
-    keep = labels != ignore_index
+    labels, keep = _labels_and_keep(labels, student_logits.shape[0], student_logits.device, ignore_index)
     ids, valid = _valid_ids(targets, student_logits.device)
-    return _CEAndBuckets.apply(student_logits, labels.masked_fill(~keep, 0), keep, ids, valid, float(temperature))
+    return _CEAndBuckets.apply(student_logits, labels, keep, ids, valid, float(temperature))
+
+
+def _labels_and_keep(labels: Tensor | None, n: int, device: torch.device, ignore_index: int) -> tuple[Tensor, Tensor]:
+    if labels is None:  # no CE term: every label ignored
+        return torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be [N] = [{n}], got shape {tuple(labels.shape)}")
+    labels = labels.to(device=device, dtype=torch.long)
+    keep = labels != ignore_index
+    return labels.masked_fill(~keep, 0), keep
+
+
+def ce_and_kd_from_head(config: LossConfig, hidden: Tensor, weight: Tensor, vocab: int, labels: Tensor | None,
+                        targets: SparseTargets, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """:func:`ce_and_kd` of the logits ``hidden @ weight[:vocab].T`` without keeping them: hidden [N, H], weight
+    [V_rows, H] (a bias-free LM head, ``V_rows >= vocab``), labels [N] or None (CE not needed: returned as zeros).
+    Bucket kinds only (:data:`kdcache.train.buckets.BUCKET_KINDS`)."""
+    if config.kind not in BUCKET_KINDS:
+        raise ValueError(f"ce_and_kd_from_head needs a bucket loss kind {BUCKET_KINDS}, got {config.kind!r}")
+    if targets.ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets have {targets.ids.shape[0]} positions but hidden has {hidden.shape[0]}")
+    targets = prepared_targets(config, targets)
+    T = float(config.temperature)
+    labels, keep = _labels_and_keep(labels, hidden.shape[0], hidden.device, ignore_index)
+    ids, valid = _valid_ids(targets, hidden.device)
+    ce, log_p = _HeadCEAndBuckets.apply(hidden, weight, int(vocab), labels, keep, ids, valid, T)
+    return ce, _divergence(config, targets, log_p, vocab, T)
+
+
+def _divergence(config: LossConfig, targets: SparseTargets, log_p: Tensor, vocab: int, T: float) -> Tensor:
+    log_q = teacher_bucket_logprobs(targets, T, vocab_size=vocab, tail_mode=config.tail_mode, dtype=log_p.dtype,
+                                    device=log_p.device)
+    return bucket_divergence(config.kind, log_q, log_p, T, skew=config.skew, beta=config.beta)
 
 
 def ce_and_kd(config: LossConfig, student_logits: Tensor, labels: Tensor, targets: SparseTargets,
@@ -127,6 +215,4 @@ def ce_and_kd(config: LossConfig, student_logits: Tensor, labels: Tensor, target
     targets = prepared_targets(config, targets)
     T = float(config.temperature)
     ce, log_p = ce_and_student_buckets(student_logits, labels, targets, T, ignore_index)
-    log_q = teacher_bucket_logprobs(targets, T, vocab_size=student_logits.shape[1], tail_mode=config.tail_mode,
-                                    dtype=log_p.dtype, device=student_logits.device)
-    return ce, bucket_divergence(config.kind, log_q, log_p, T, skew=config.skew, beta=config.beta)
+    return ce, _divergence(config, targets, log_p, student_logits.shape[1], T)

@@ -2,9 +2,12 @@
 
 A plain forward pass materialises ``[B, L, V]`` logits (for a 150k-token vocabulary and 8k tokens that is 4.9 GB in
 float32, before softmax intermediates and their gradients). Here only the ``N`` hidden states that predict target
-tokens are projected, ``chunk_size`` rows at a time, and each chunk runs under activation checkpointing, so its
-logits are freed right after its loss terms are summed and recomputed one chunk at a time in backward. Peak memory of
-the head/loss part is a small multiple of ``chunk_size x V`` in forward and in backward.
+tokens are projected, ``chunk_size`` rows at a time, and each chunk's logits are freed right after its loss terms are
+summed and remade one chunk at a time in backward: with a plain linear head (most students) by the fused Function
+itself, which remakes only the logits (:func:`kdcache.train.fused.ce_and_kd_from_head`); otherwise (LoRA or
+quantised heads, soft-capped or scaled logits, loss kinds outside the buckets) under activation checkpointing, which
+reruns the chunk's whole forward. Peak memory of the head/loss part is a small multiple of ``chunk_size x V`` in
+forward and in backward.
 
 Each chunk contributes the numerators of the CE and KD weighted means; the denominators are computed once over all N
 positions, and :func:`kdcache.train.losses.combine_terms` mixes the two means exactly as ``distillation_loss`` does.
@@ -18,10 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kdcache.modeling import (is_encoder_decoder, output_logits, row_chunks, seq2seq_target_hidden_states,
-                              target_hidden_states)
+from kdcache.modeling import (is_encoder_decoder, linear_head_weight, output_logits, row_chunks,
+                              seq2seq_target_hidden_states, target_hidden_states)
 from kdcache.targets import SparseTargets
-from kdcache.train.fused import ce_and_kd
+from kdcache.train.buckets import BUCKET_KINDS
+from kdcache.train.fused import ce_and_kd, ce_and_kd_from_head
 from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.losses import (
     LossConfig,
@@ -138,14 +142,28 @@ def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: t
     return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
 
 
+def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype,
+                     rows: _Rows) -> Tensor:
+    """:func:`_chunk_sums` for a plain linear head (:func:`kdcache.modeling.linear_head_weight`), both terms from
+    :func:`kdcache.train.fused.ce_and_kd_from_head`."""
+    vocab = weight.shape[0] if vocab_size is None else min(vocab_size, weight.shape[0])
+    ce, kd = ce_and_kd_from_head(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets)
+    ce_sum = weighted_sum(ce, rows.ce_weights)[0] if rows.labels is not None else kd.new_zeros(())
+    kd_sum, _ = weighted_sum(kd, rows.kd_weights)
+    return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
+
+
 def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype, rows: _Rows,
                         chunk_size: int, checkpoint_chunks: bool) -> Tensor:
     """``[ce_sum, kd_sum]`` over all rows, one chunk of logits at a time (recomputed in backward when checkpointed)."""
     hidden = rows.hidden
     sums = (hidden.sum() * 0.0).to(dtype).expand(2)  # keeps the graph connected when there are no targets
     recompute = checkpoint_chunks and torch.is_grad_enabled() and hidden.requires_grad
+    head = linear_head_weight(model) if rows.targets is not None and loss_config.kind in BUCKET_KINDS else None
     for part in row_chunks(hidden.shape[0], chunk_size):
-        if recompute:
+        if head is not None:  # the fused Function keeps no logits and remakes them in backward: no checkpoint
+            sums = sums + _head_chunk_sums(head, loss_config, vocab_size, dtype, rows[part])
+        elif recompute:
             sums = sums + checkpoint(_chunk_sums, model, loss_config, vocab_size, dtype, rows[part],
                                      use_reentrant=False)
         else:
