@@ -76,6 +76,14 @@ def _backend(argv: list[str]) -> str:
     return "hf"
 
 
+# Teacher proxies for the CPU (issue 14): the LM head's share of the parameters as in the real model, with the layer
+# shape of benchmarks/train_step.py's presets of the same name.
+PRESETS = {
+    "qwen72b-proxy": dict(hidden_size=256, layers=28, heads=2, kv_heads=1, intermediate_size=1536,
+                          tokenizer_vocab=2560, vocab_size=2560),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cache_build.py",
@@ -94,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="teacher backend; vllm runs benchmarks/vllm_cache_build.py (see its --help)")
     m = p.add_argument_group("model (randomly initialised Qwen2, built locally)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a teacher proxy with Qwen's proportions, setting the model options below (it overrides them): "
+                        "qwen72b-proxy = Qwen2.5-72B's layer shape at hidden 256 (28 layers, 128-wide heads, 2 query "
+                        "and 1 key/value head, MLP 6 x hidden), its LM head 1.6%% of the parameters as in the real "
+                        "72B (1.7%%); RESULTS.md, issue 14, says how it was derived")
     m.add_argument("--hidden-size", type=int, default=256, help="hidden size")
     m.add_argument("--layers", type=int, default=4, help="decoder layers")
     m.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -144,7 +157,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also cProfile one extra build and print the top N functions by cumulative time")
     r.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary folder, removed after)")
     r.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, name, value)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------- setup
@@ -439,7 +455,9 @@ def main(argv=None) -> int:
         machine = machine_line(device, threads)
         print(f"machine: {machine}")
         print(f"model:   Qwen2 hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
-              f"vocab {vocab} (tokenizer {len(tokenizer)}), {params / 1e6:.2f}M params, {args.dtype}")
+              f"vocab {vocab} (tokenizer {len(tokenizer)}), {params / 1e6:.2f}M params, {args.dtype}"
+              + (f"; preset {args.preset}, LM head {vocab * args.hidden_size / params:.1%} of the parameters"
+                 if args.preset else ""))
         print(f"data:    {stats['examples']} examples, {stats['tokens']} tokens ({stats['padded_tokens']} padded), "
               f"{stats['targets']} target tokens (distill={args.distill}), max_length {args.max_length}, "
               f"batch {args.batch_size}, {len(batches)} batches, shard_size {args.shard_size}")
