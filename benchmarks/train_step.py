@@ -107,6 +107,19 @@ def chunked_sft_loss(model, batch, chunk_size: int):
     return loss
 
 
+def kd_loss_checkpointed(model, batch, chunk_size: int):
+    """kd_loss as it ran before the fused Function took the head's weight: the chunk under activation checkpointing,
+    its whole forward (logits and loss passes) rerun in backward (what LoRA'd or soft-capped heads still do)."""
+    import kdcache.train.objective as objective
+
+    original = objective.linear_head_weight
+    objective.linear_head_weight = lambda model: None
+    try:
+        return kd_loss(model, batch, chunk_size)
+    finally:
+        objective.linear_head_weight = original
+
+
 def kd_loss(model, batch, chunk_size: int):
     loss, _ = chunked_distillation_loss(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
                                         batch["targets"], batch["labels"], LossConfig(kind="forward_kl", alpha=0.5,
@@ -115,10 +128,13 @@ def kd_loss(model, batch, chunk_size: int):
     return loss
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU seconds, all threads)
+
+
 def timed_step(model, optimizer, scaler, precision, compute_loss) -> float:
     sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start = CLOCK()
     with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                         enabled=precision.autocast_dtype is not None):
         loss = compute_loss()
@@ -127,7 +143,7 @@ def timed_step(model, optimizer, scaler, precision, compute_loss) -> float:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     sync()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def _rss_peak_gib() -> float | None:
@@ -179,6 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--versus-checkpointed", action="store_true",
+                        help="add a fourth arm: KD with the chunk under activation checkpointing (the path before the "
+                             "fused Function took the LM head's weight; LoRA'd or soft-capped heads still take it)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu (CPU device only): the process's CPU time, which other work on "
+                             "a loaded machine disturbs far less than wall time (with --threads 1 the two agree on an "
+                             "idle machine)")
     parser.add_argument("--lora-r", type=int, default=16, help="0 for full fine-tuning")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
@@ -186,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--skip-peak", action="store_true", help="on CPU, skip the per-arm peak RSS processes")
-    parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd", "kd_checkpointed"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -207,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         b["vocab"] = vocab
     steps = {"sft": lambda b: sft_loss(model, b), "sft_chunked": lambda b: chunked_sft_loss(model, b, args.chunk_size),
              "kd": lambda b: kd_loss(model, b, args.chunk_size)}
+    if args.versus_checkpointed:
+        steps["kd_checkpointed"] = lambda b: kd_loss_checkpointed(model, b, args.chunk_size)
     names = list(steps)
     if args.peak_only:  # a child of _cpu_peaks: two steps of one arm, then the process's peak RSS
         for _ in range(2):
@@ -236,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "params": total, "lm_head_share": head / total,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "targets": args.targets, "k": args.k,
         "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
+        "clock": args.clock,
         "peak_kind": "cuda max_memory_allocated" if precision.device.type == "cuda" else "peak RSS (VmHWM) of a process running that arm only",
         **{f"{name}_step_s": med[name] for name in names},
         **{f"{name}_tokens_per_s": tokens / med[name] for name in names},
@@ -246,14 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} "
           f"({total / 1e6:.1f}M params, LM head {100 * head / total:.1f} %), profile {args.profile}")
     print(f"batch {args.batch_size} x {args.seq_len} tokens, targets={args.targets}, k={args.k}, "
-          f"lora_r={args.lora_r}, repeats={args.repeats}; peak = {figures['peak_kind']}")
+          f"lora_r={args.lora_r}, repeats={args.repeats}, clock {args.clock}; peak = {figures['peak_kind']}")
     print(f"{'':14}{'step (s)':>12}{'tokens/s':>12}{'peak GiB':>12}")
-    for name, label in (("sft", "SFT (HF)"), ("sft_chunked", "SFT chunked"), ("kd", "KD")):
+    labels = {"sft": "SFT (HF)", "sft_chunked": "SFT chunked", "kd": "KD", "kd_checkpointed": "KD ckpt"}
+    for name, label in ((name, labels[name]) for name in names):
         peak = figures[f"{name}_peak_gib"]
         print(f"{label:14}{med[name]:12.4f}{tokens / med[name]:12.0f}"
               f"{(f'{peak:.3f}' if peak is not None else 'n/a'):>12}")
     print(f"KD / SFT (transformers labels=) step time: {figures['kd_over_sft']:.3f}")
     print(f"KD / SFT (chunked CE) step time: {figures['kd_over_sft_chunked']:.3f}")
+    if "kd_checkpointed" in med:
+        figures["kd_over_kd_checkpointed"] = med["kd"] / med["kd_checkpointed"]
+        print(f"KD / KD checkpointed step time: {figures['kd_over_kd_checkpointed']:.3f}   "
+              f"(checkpointed KD / SFT (transformers): {med['kd_checkpointed'] / med['sft']:.3f})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)
