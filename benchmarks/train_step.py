@@ -123,11 +123,12 @@ def kd_loss_checkpointed(model, batch, chunk_size: int):
 def kd_loss(model, batch, chunk_size: int):
     loss, _ = chunked_distillation_loss(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
                                         batch["targets"], batch["labels"], LossConfig(kind="forward_kl", alpha=0.5,
-                                                                                      temperature=2.0),
+                                                                                      temperature=TEMPERATURE),
                                         chunk_size=chunk_size, vocab_size=batch["vocab"])
     return loss
 
 
+TEMPERATURE = 2.0  # --temperature: the KD arms' T
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU seconds, all threads)
 
 
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versus-checkpointed", action="store_true",
                         help="add a fourth arm: KD with the chunk under activation checkpointing (the path before the "
                              "fused Function took the LM head's weight; LoRA'd or soft-capped heads still take it)")
+    parser.add_argument("--temperature", type=float, default=2.0,
+                        help="the KD arms' temperature (forward KL, alpha 0.5); at T = 1 the CE and the KL share "
+                             "their softmax, at T != 1 each needs its own")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time; cpu (CPU device only): the process's CPU time, which other work on "
                              "a loaded machine disturbs far less than wall time (with --threads 1 the two agree on an "
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-peak", action="store_true", help="on CPU, skip the per-arm peak RSS processes")
     parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd", "kd_checkpointed"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global CLOCK
+    global CLOCK, TEMPERATURE
+    TEMPERATURE = args.temperature
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "params": total, "lm_head_share": head / total,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "targets": args.targets, "k": args.k,
         "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing, "repeats": args.repeats,
-        "clock": args.clock,
+        "clock": args.clock, "temperature": args.temperature,
         "peak_kind": "cuda max_memory_allocated" if precision.device.type == "cuda" else "peak RSS (VmHWM) of a process running that arm only",
         **{f"{name}_step_s": med[name] for name in names},
         **{f"{name}_tokens_per_s": tokens / med[name] for name in names},
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset} "
           f"({total / 1e6:.1f}M params, LM head {100 * head / total:.1f} %), profile {args.profile}")
     print(f"batch {args.batch_size} x {args.seq_len} tokens, targets={args.targets}, k={args.k}, "
-          f"lora_r={args.lora_r}, repeats={args.repeats}, clock {args.clock}; peak = {figures['peak_kind']}")
+          f"lora_r={args.lora_r}, T={args.temperature}, repeats={args.repeats}, clock {args.clock}; peak = {figures['peak_kind']}")
     print(f"{'':14}{'step (s)':>12}{'tokens/s':>12}{'peak GiB':>12}")
     labels = {"sft": "SFT (HF)", "sft_chunked": "SFT chunked", "kd": "KD", "kd_checkpointed": "KD ckpt"}
     for name, label in ((name, labels[name]) for name in names):

@@ -231,3 +231,26 @@ def test_from_head_gradcheck_and_frozen_head(T):
     h = hidden.clone().requires_grad_(True)  # a frozen head (LoRA students): only the hidden states get a gradient
     f(h, weight).backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+def test_from_head_with_no_targets_is_the_plain_ce():
+    """targets None (alpha = 1, SFT through kdcache): the CE of hidden @ W[:V].T and its gradients, kd None."""
+    N, H, V = 6, 5, 11
+    hidden, weight = _head_inputs(N, H, V + 3, seed=9)
+    labels = _labels(N, V, seed=2, ignored=(0,))
+    w = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    cfg = LossConfig(kind="forward_kl", alpha=1.0)
+    results = []
+    for fused in (True, False):
+        h, wt = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fused:
+            ce, kd = ce_and_kd_from_head(cfg, h, wt, V, labels, None)
+            assert kd is None
+        else:
+            ce = hard_ce(h @ wt[:V].T, labels, reduction="none")
+        loss = (ce * w).sum()
+        results.append((loss.detach(), *torch.autograd.grad(loss, (h, wt))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h: ce_and_kd_from_head(cfg, h, weight, V, labels, None)[0].sum(),
+                                    (hidden.clone().requires_grad_(True),))

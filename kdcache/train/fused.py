@@ -52,6 +52,12 @@ def _forward(logits: Tensor, labels: Tensor, keep: Tensor, ids: Tensor, valid: T
     the logits: ``(ids_safe, valid_safe, lse, lse_tail, lse1)``, nothing wider than [n, k]."""
     dtype = _compute_dtype(logits)
     same_t = T == 1.0
+    if ids.shape[1] == 0:  # no targets (the CE alone): one logsumexp, an empty top and the whole mass in the tail
+        z1 = logits.to(dtype)
+        lse = torch.logsumexp(z1 if same_t else z1 / T, dim=-1)
+        lse1 = lse if same_t else torch.logsumexp(z1, dim=-1)
+        ce = torch.where(keep, lse1 - z1.gather(1, labels[:, None]).squeeze(1), torch.zeros_like(lse1))
+        return ce, torch.zeros(ids.shape[0], 1, dtype=dtype, device=logits.device), (ids, valid, lse, lse, lse1)
     zs = torch.div(logits.to(dtype), T)  # always a new tensor: the tail mask below writes into it
     lse = torch.logsumexp(zs, dim=-1)
     z1 = zs if same_t else logits.to(dtype)
@@ -183,12 +189,21 @@ def _labels_and_keep(labels: Tensor | None, n: int, device: torch.device, ignore
 
 
 def ce_and_kd_from_head(config: LossConfig, hidden: Tensor, weight: Tensor, vocab: int, labels: Tensor | None,
-                        targets: SparseTargets, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+                        targets: SparseTargets | None, ignore_index: int = -100) -> tuple[Tensor, Tensor | None]:
     """:func:`ce_and_kd` of the logits ``hidden @ weight[:vocab].T`` without keeping them: hidden [N, H], weight
-    [V_rows, H] (a bias-free LM head, ``V_rows >= vocab``), labels [N] or None (CE not needed: returned as zeros).
+    [V_rows, H] (a bias-free LM head, ``V_rows >= vocab``), labels [N] or None (CE not needed: returned as zeros),
+    targets or None (the CE alone, as a Liger-style fused linear CE: kd returned as None).
     Bucket kinds only (:data:`kdcache.train.buckets.BUCKET_KINDS`)."""
     if config.kind not in BUCKET_KINDS:
         raise ValueError(f"ce_and_kd_from_head needs a bucket loss kind {BUCKET_KINDS}, got {config.kind!r}")
+    if targets is None:  # the CE alone
+        if labels is None:
+            raise ValueError("ce_and_kd_from_head needs labels, targets or both")
+        n = hidden.shape[0]
+        labels, keep = _labels_and_keep(labels, n, hidden.device, ignore_index)
+        empty = torch.zeros(n, 0, dtype=torch.long, device=hidden.device)
+        ce, _ = _HeadCEAndBuckets.apply(hidden, weight, int(vocab), labels, keep, empty, empty.bool(), 1.0)
+        return ce, None
     if targets.ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets have {targets.ids.shape[0]} positions but hidden has {hidden.shape[0]}")
     targets = prepared_targets(config, targets)

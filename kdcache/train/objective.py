@@ -148,8 +148,9 @@ def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | 
     :func:`kdcache.train.fused.ce_and_kd_from_head`."""
     vocab = weight.shape[0] if vocab_size is None else min(vocab_size, weight.shape[0])
     ce, kd = ce_and_kd_from_head(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets)
-    ce_sum = weighted_sum(ce, rows.ce_weights)[0] if rows.labels is not None else kd.new_zeros(())
-    kd_sum, _ = weighted_sum(kd, rows.kd_weights)
+    zero = ce.new_zeros((), dtype=dtype)
+    ce_sum = weighted_sum(ce, rows.ce_weights)[0] if rows.labels is not None else zero
+    kd_sum = weighted_sum(kd, rows.kd_weights)[0] if kd is not None else zero
     return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
 
 
@@ -159,7 +160,8 @@ def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, 
     hidden = rows.hidden
     sums = (hidden.sum() * 0.0).to(dtype).expand(2)  # keeps the graph connected when there are no targets
     recompute = checkpoint_chunks and torch.is_grad_enabled() and hidden.requires_grad
-    head = linear_head_weight(model) if rows.targets is not None and loss_config.kind in BUCKET_KINDS else None
+    fused = rows.targets is None or loss_config.kind in BUCKET_KINDS  # the CE alone, or with a bucket KD
+    head = linear_head_weight(model) if fused else None
     for part in row_chunks(hidden.shape[0], chunk_size):
         if head is not None:  # the fused Function keeps no logits and remakes them in backward: no checkpoint
             sums = sums + _head_chunk_sums(head, loss_config, vocab_size, dtype, rows[part])
