@@ -1,0 +1,149 @@
+"""Axolotl's offline KD dataset format (axolotl.integrations.kd), both ways.
+
+A row, as Axolotl's KD trainer reads it (its kd/README.md, "Target alignment"): ``input_ids`` [L], ``labels`` [L]
+(-100: no loss), and per position j the teacher's top-k over the *next* token ``input_ids[j + 1]``:
+``target_token_ids`` [L][k], ``target_logprobs`` [L][k] and ``target_mask`` [L][k] (0 where ``labels[j + 1]`` is
+-100; the last row, and rows before the teacher's coverage, are padding with mask 0). ``messages`` may sit beside
+them. Axolotl's own producers renormalise the top-k to sum to 1 (``kd_normalize_topk``, default true, does it again at
+training), so such a dataset carries **no tail mass**: imported, its tail is marked ``none`` (the stored tail is the
+float32-eps floor) and a warning says so. A dataset of unnormalised top-k (what `kdcache cache export --format
+axolotl` writes unless --renormalize) keeps 1 - sum p, imported as a derived tail.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from kdcache.errors import BadInputError
+from kdcache.interop.files import read_rows, write_rows
+from kdcache.interop.writer import ImportedExample
+from kdcache.store.imported import ImportInfo
+
+log = logging.getLogger("kdcache.interop")
+
+__all__ = ["PAD_LOGPROB", "axolotl_rows", "read_axolotl", "renormalised"]
+
+#: The log-prob of padded slots (mask 0), "a large negative logprob" as Axolotl's README asks: finite, so JSONL holds it.
+PAD_LOGPROB = -1e9
+_REQUIRED = ("input_ids", "target_token_ids", "target_logprobs")
+
+
+def renormalised(logprobs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Whether every row of [T, k] log-probs sums (as probabilities) to 1 within `atol`: a top-k without tail."""
+    if logprobs.size == 0:
+        return False
+    mass = np.exp(np.logaddexp.reduce(logprobs.astype(np.float64), axis=-1))
+    return bool(np.all(np.abs(mass - 1.0) <= atol))
+
+
+def _row_mask(row: dict, n: int, where: str) -> np.ndarray:
+    """bool [L]: which tokens are targets (token j + 1 is one when target row j is not masked)."""
+    mask = np.zeros(n, dtype=bool)
+    if row.get("target_mask") is not None:
+        rows = row["target_mask"]
+        on = [bool(np.any(np.asarray(m))) for m in rows[: n - 1]]
+    elif row.get("labels") is not None:
+        on = [label != -100 for label in row["labels"][1:n]]
+    else:
+        on = [bool(np.all(np.isfinite(lp))) and min(lp) > PAD_LOGPROB / 2 for lp in row["target_logprobs"][: n - 1]]
+    if len(on) != n - 1:
+        raise BadInputError(f"{where}: target_mask/labels cover {len(on)} of the {n - 1} positions that predict a token")
+    mask[1:] = on
+    return mask
+
+
+def read_axolotl(paths: list[str]) -> tuple[list[ImportedExample], ImportInfo]:
+    """The examples of Axolotl KD rows (see the module docstring); tail ``none`` when every row is renormalised."""
+    examples = []
+    for source, index, row in read_rows(paths):
+        where = f"{source} row {index}"
+        missing = [key for key in _REQUIRED if row.get(key) is None]
+        if missing:
+            raise BadInputError(f"{where} has no {', '.join(missing)}: an Axolotl KD row holds input_ids, "
+                                "target_token_ids and target_logprobs (tokenized by Axolotl's kd chat_template)")
+        tokens = np.array(row["input_ids"], dtype=np.int64)
+        n = len(tokens)
+        if len(row["target_token_ids"]) != n or len(row["target_logprobs"]) != n:
+            raise BadInputError(f"{where}: target_token_ids/target_logprobs have {len(row['target_token_ids'])}/"
+                                f"{len(row['target_logprobs'])} rows for {n} input_ids (Axolotl: one row per token)")
+        mask = _row_mask(row, n, where)
+        rows = np.flatnonzero(mask[1:])  # target row j predicts token j + 1
+        try:
+            ids = np.array([row["target_token_ids"][j] for j in rows], dtype=np.int64)
+            logprobs = np.array([row["target_logprobs"][j] for j in rows], dtype=np.float64)
+        except ValueError:
+            raise BadInputError(f"{where}: target rows have different k; every row must hold the same k") from None
+        k = len(row["target_token_ids"][0]) if n else 0
+        fields = {key: row[key] for key in ("id", "messages") if key in row}
+        examples.append(ImportedExample(tokens, mask, ids.reshape(len(rows), k), logprobs.reshape(len(rows), k),
+                                        source, index, fields))
+    targets = [e.logprobs for e in examples if len(e.logprobs)]
+    none = bool(targets) and all(renormalised(lp) for lp in targets)
+    if none:
+        log.warning("these Axolotl rows hold renormalised top-k (each sums to 1): no tail mass is known, the cache's "
+                    "tail is the float32-eps floor (plan: imported.tail = none); forward KL over the top-k is right, "
+                    "losses that need the teacher's tail are refused")
+    return examples, ImportInfo(format="axolotl", sources=tuple(paths), tail="none" if none else "derived")
+
+
+def axolotl_rows(reader, renormalize: bool = False):
+    """Axolotl KD rows of a cache (kdcache.store.reader.CacheReader), one per example, in cache order; the top-k as
+    stored (or renormalised to sum to 1), padded rows with ids 0..k-1, PAD_LOGPROB and mask 0."""
+    k = reader.sparsifier.k
+    for example in reader.iter_examples():
+        n = len(example.input_ids)
+        ids = np.tile(np.arange(k, dtype=np.int64), (n, 1))
+        logprobs = np.full((n, k), PAD_LOGPROB, dtype=np.float64)
+        target_rows = np.flatnonzero(example.target_mask) - 1
+        values = example.sparse_logprobs.astype(np.float64)
+        if renormalize and len(values):
+            values = values - np.logaddexp.reduce(values, axis=-1, keepdims=True)
+        ids[target_rows] = example.sparse_ids
+        logprobs[target_rows] = values
+        mask = np.zeros((n, k), dtype=np.int64)
+        mask[target_rows] = 1
+        labels = np.where(example.target_mask, example.input_ids, -100)
+        row = {
+            "input_ids": example.input_ids.astype(np.int64).tolist(),
+            "attention_mask": [1] * n,
+            "labels": labels.astype(np.int64).tolist(),
+            "target_token_ids": ids.tolist(),
+            "target_logprobs": logprobs.tolist(),
+            "target_mask": mask.tolist(),
+        }
+        messages = _messages(example.record)
+        if messages is not None:
+            row["messages"] = messages
+        yield row
+
+
+def _messages(record: dict):
+    import json
+
+    try:
+        return json.loads(record.get("fields") or "{}").get("messages")
+    except ValueError:
+        return None
+
+
+AXOLOTL_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int64())),
+    ("attention_mask", pa.list_(pa.int64())),
+    ("labels", pa.list_(pa.int64())),
+    ("target_token_ids", pa.list_(pa.list_(pa.int64()))),
+    ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
+    ("target_mask", pa.list_(pa.list_(pa.int64()))),
+])
+
+
+def write_axolotl(reader, path: str, renormalize: bool = False) -> int:
+    """Write a cache as an Axolotl KD dataset (.parquet or .jsonl); returns the rows written."""
+    rows = list(axolotl_rows(reader, renormalize))
+    schema = None
+    if path.endswith(".parquet") and not any("messages" in row for row in rows):
+        schema = AXOLOTL_SCHEMA
+    write_rows(path, rows, schema)
+    return len(rows)
