@@ -284,3 +284,32 @@ def test_parquet_export_is_one_row_per_token(tmp_path, target_cache):
     np.testing.assert_allclose([r["tail_logmass"] for r in targets], examples[0].tail_logmass)
     assert all(r["topk_ids"] is None for r in first if not r["is_target"])
     assert len(targets[0]["tail_tempered"]) == len(CacheReader(target_cache).manifest.sparsifier.tail_temperatures)
+
+
+def test_cli_export_then_import_then_info(tmp_path, target_cache, teacher_dir):
+    rows_file, out = str(tmp_path / "kd.jsonl"), str(tmp_path / "imported")
+    runner = CliRunner()
+    result = runner.invoke(main, ["cache", "export", target_cache, "--format", "axolotl", "-o", rows_file])
+    assert result.exit_code == 0 and "wrote 24 rows (axolotl)" in result.output, result.output
+    result = runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
+                                  "--teacher", "tiny-teacher", "--shard-size", "10", "-o", out, "--no-progress"])
+    assert result.exit_code == 0 and "imported 24 sequences" in result.output and "tail: derived" in result.output
+    manifest = CacheReader(out).manifest
+    assert manifest.num_shards == 3 and manifest.teacher.model == "tiny-teacher"
+    assert manifest.tokenizer.fingerprint == CacheReader(target_cache).manifest.tokenizer.fingerprint
+    info = runner.invoke(main, ["cache", "info", out])
+    assert "imported        from axolotl (tail: derived" in info.output, info.output
+    # An import killed after shard 0 (shard 1's commit and the manifest missing) resumes to the same cache; another
+    # import into it with other settings is refused by the plan check.
+    from kdcache.store.location import CacheLocation
+
+    before = json.loads((tmp_path / "imported" / "manifest.json").read_text())
+    location = CacheLocation(out)
+    for path in (location.commit_path(1), location.commit_path(2), location.path("manifest.json")):
+        location.fs.rm(path)
+    assert runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
+                                "--teacher", "tiny-teacher", "--shard-size", "10", "-o", out]).exit_code == 0
+    assert json.loads((tmp_path / "imported" / "manifest.json").read_text()) == before
+    refused = runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
+                                   "-o", out])
+    assert refused.exit_code == 2 and "already holds a cache built with other settings" in refused.output

@@ -18,7 +18,7 @@ _option = functools.partial(config_option, CacheBuildConfig)
 
 @click.group()
 def cache() -> None:
-    """Build, inspect, verify, finalize and compare teacher caches."""
+    """Build, inspect, verify, finalize and compare teacher caches; import and export other tools' formats."""
 
 
 @cache.command("build")
@@ -118,6 +118,8 @@ def cache_info(path, as_json, skip_checksums) -> None:
         f"dataset         {', '.join(dataset.sources)} ({dataset.num_rows} rows, {dataset.fingerprint[:19]}...)",
         f"template        distill={manifest.template.distill} chat={manifest.template.chat_template_used}",
         f"sparsifier      {sparsifier.kind} k={sparsifier.k} logprobs={sparsifier.logprob_dtype}",
+        *([f"imported        from {manifest.imported.format} (tail: {manifest.imported.tail}; docs/interop.md)"]
+          if manifest.imported else []),
         f"shards          {stats['shards']}",
         f"examples        {stats['examples']} (skipped rows: {stats['skipped_rows']})",
         f"tokens          {stats['tokens']}",
