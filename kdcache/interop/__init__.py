@@ -68,6 +68,9 @@ def export_cache(cache: str, fmt: str, output: str, *, renormalize: bool = False
     if fmt not in EXPORT_FORMATS:
         raise BadInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     reader = CacheReader(cache, verify_checksums=verify_checksums)
+    if fmt != "parquet" and reader.sparsifier.kind != "topk":
+        raise BadInputError(f"--format {fmt} holds a teacher's top-k, but {cache} is a sample cache (sampled tokens "
+                            "with counts); export it with --format parquet, or build a topk cache")
     if fmt == "axolotl":
         from kdcache.interop.axolotl import write_axolotl
 
