@@ -25,39 +25,42 @@ def import_cache(fmt: str, paths: list[str], output: str, tokenizer, tokenizer_n
                  compression_config: str | None = None, teacher: str = "unknown", teacher_dtype: str = "bfloat16",
                  shard_size: int = 1000, progress: bool = True):
     """Read `paths` in format `fmt` and write them as a finished cache at `output`; returns its Manifest."""
+    import dataclasses
+
     from kdcache.interop.writer import write_imported_cache
 
     if fmt == "vllm":
-        from kdcache.interop.vllm import read_vllm_dump
+        from kdcache.interop.vllm import vllm_source
 
-        examples, info = read_vllm_dump(paths, k)
+        source = vllm_source(paths, k)
     elif fmt == "axolotl":
-        from kdcache.interop.axolotl import read_axolotl
+        from kdcache.interop.axolotl import axolotl_source
 
-        examples, info = read_axolotl(paths)
+        source = axolotl_source(paths)
     elif fmt == "distillkit":
-        from kdcache.interop.distillkit import read_distillkit
+        from kdcache.interop.distillkit import distillkit_source
 
-        examples, info = read_distillkit(paths, compression_config)
+        source = distillkit_source(paths, compression_config)
     else:
         raise BadInputError(f"--format must be one of {', '.join(IMPORT_FORMATS)}, got {fmt!r}")
     if k is not None and fmt != "vllm":
-        examples = _keep_top(examples, k)
-    return write_imported_cache(examples, output, tokenizer, tokenizer_name, info, teacher=teacher,
+        read = source.read
+        source = dataclasses.replace(source, read=lambda: (_keep_top(example, k) for example in read()))
+    return write_imported_cache(source, output, tokenizer, tokenizer_name, teacher=teacher,
                                 teacher_dtype=teacher_dtype, shard_size=shard_size, progress=progress)
 
 
-def _keep_top(examples, k: int):
+def _keep_top(example, k: int):
+    """The example with only the k largest entries of each row (`--k`)."""
     import numpy as np
 
-    for example in examples:
-        if example.ids.shape[1] < k:
-            raise BadInputError(f"--k {k} but {example.source} row {example.source_row} holds "
-                                f"{example.ids.shape[1]} entries per position")
-        order = np.argsort(-example.logprobs, axis=1, kind="stable")[:, :k]
-        example.ids = np.take_along_axis(example.ids, order, axis=1)
-        example.logprobs = np.take_along_axis(example.logprobs, order, axis=1)
-    return examples
+    if example.ids.shape[1] < k:
+        raise BadInputError(f"--k {k} but {example.source} row {example.source_row} holds {example.ids.shape[1]} "
+                            "entries per position")
+    order = np.argsort(-example.logprobs, axis=1, kind="stable")[:, :k]
+    example.ids = np.take_along_axis(example.ids, order, axis=1)
+    example.logprobs = np.take_along_axis(example.logprobs, order, axis=1)
+    return example
 
 
 def export_cache(cache: str, fmt: str, output: str, *, renormalize: bool = False,

@@ -12,31 +12,18 @@ axolotl` writes unless --renormalize) keeps 1 - sum p, imported as a derived tai
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pyarrow as pa
 
 from kdcache.errors import BadInputError
 from kdcache.interop.files import read_rows, write_rows
-from kdcache.interop.writer import ImportedExample
-from kdcache.store.imported import ImportInfo
+from kdcache.interop.writer import ImportedExample, ImportSource
 
-log = logging.getLogger("kdcache.interop")
-
-__all__ = ["PAD_LOGPROB", "axolotl_rows", "read_axolotl", "renormalised"]
+__all__ = ["PAD_LOGPROB", "axolotl_rows", "axolotl_source", "write_axolotl"]
 
 #: The log-prob of padded slots (mask 0), "a large negative logprob" as Axolotl's README asks: finite, so JSONL holds it.
 PAD_LOGPROB = -1e9
 _REQUIRED = ("input_ids", "target_token_ids", "target_logprobs")
-
-
-def renormalised(logprobs: np.ndarray, atol: float = 1e-3) -> bool:
-    """Whether every row of [T, k] log-probs sums (as probabilities) to 1 within `atol`: a top-k without tail."""
-    if logprobs.size == 0:
-        return False
-    mass = np.exp(np.logaddexp.reduce(logprobs.astype(np.float64), axis=-1))
-    return bool(np.all(np.abs(mass - 1.0) <= atol))
 
 
 def _row_mask(row: dict, n: int, where: str) -> np.ndarray:
@@ -55,38 +42,35 @@ def _row_mask(row: dict, n: int, where: str) -> np.ndarray:
     return mask
 
 
-def read_axolotl(paths: list[str]) -> tuple[list[ImportedExample], ImportInfo]:
-    """The examples of Axolotl KD rows (see the module docstring); tail ``none`` when every row is renormalised."""
-    examples = []
-    for source, index, row in read_rows(paths):
-        where = f"{source} row {index}"
-        missing = [key for key in _REQUIRED if row.get(key) is None]
-        if missing:
-            raise BadInputError(f"{where} has no {', '.join(missing)}: an Axolotl KD row holds input_ids, "
-                                "target_token_ids and target_logprobs (tokenized by Axolotl's kd chat_template)")
-        tokens = np.array(row["input_ids"], dtype=np.int64)
-        n = len(tokens)
-        if len(row["target_token_ids"]) != n or len(row["target_logprobs"]) != n:
-            raise BadInputError(f"{where}: target_token_ids/target_logprobs have {len(row['target_token_ids'])}/"
-                                f"{len(row['target_logprobs'])} rows for {n} input_ids (Axolotl: one row per token)")
-        mask = _row_mask(row, n, where)
-        rows = np.flatnonzero(mask[1:])  # target row j predicts token j + 1
-        try:
-            ids = np.array([row["target_token_ids"][j] for j in rows], dtype=np.int64)
-            logprobs = np.array([row["target_logprobs"][j] for j in rows], dtype=np.float64)
-        except ValueError:
-            raise BadInputError(f"{where}: target rows have different k; every row must hold the same k") from None
-        k = len(row["target_token_ids"][0]) if n else 0
-        fields = {key: row[key] for key in ("id", "messages") if key in row}
-        examples.append(ImportedExample(tokens, mask, ids.reshape(len(rows), k), logprobs.reshape(len(rows), k),
-                                        source, index, fields))
-    targets = [e.logprobs for e in examples if len(e.logprobs)]
-    none = bool(targets) and all(renormalised(lp) for lp in targets)
-    if none:
-        log.warning("these Axolotl rows hold renormalised top-k (each sums to 1): no tail mass is known, the cache's "
-                    "tail is the float32-eps floor (plan: imported.tail = none); forward KL over the top-k is right, "
-                    "losses that need the teacher's tail are refused")
-    return examples, ImportInfo(format="axolotl", sources=tuple(paths), tail="none" if none else "derived")
+def _example(source: str, index: int, row: dict) -> ImportedExample:
+    where = f"{source} row {index}"
+    missing = [key for key in _REQUIRED if row.get(key) is None]
+    if missing:
+        raise BadInputError(f"{where} has no {', '.join(missing)}: an Axolotl KD row holds input_ids, "
+                            "target_token_ids and target_logprobs (tokenized by Axolotl's kd chat_template)")
+    tokens = np.array(row["input_ids"], dtype=np.int64)
+    n = len(tokens)
+    if len(row["target_token_ids"]) != n or len(row["target_logprobs"]) != n:
+        raise BadInputError(f"{where}: target_token_ids/target_logprobs have {len(row['target_token_ids'])}/"
+                            f"{len(row['target_logprobs'])} rows for {n} input_ids (Axolotl: one row per token)")
+    mask = _row_mask(row, n, where)
+    rows = np.flatnonzero(mask[1:])  # target row j predicts token j + 1
+    try:
+        ids = np.array([row["target_token_ids"][j] for j in rows], dtype=np.int64)
+        logprobs = np.array([row["target_logprobs"][j] for j in rows], dtype=np.float64)
+    except ValueError:
+        raise BadInputError(f"{where}: target rows have different k; every row must hold the same k") from None
+    k = len(row["target_token_ids"][0]) if n else 0
+    fields = {key: row[key] for key in ("id", "messages") if key in row}
+    return ImportedExample(tokens, mask, ids.reshape(len(rows), k), logprobs.reshape(len(rows), k), source, index,
+                           fields)
+
+
+def axolotl_source(paths: list[str]) -> ImportSource:
+    """Axolotl KD rows as an import source (see the module docstring); when every top-k sums to 1 the import
+    records tail ``none`` and warns (kdcache.interop.writer)."""
+    return ImportSource(format="axolotl", paths=tuple(paths), renormalised_means_no_tail=True,
+                        read=lambda: (_example(source, index, row) for source, index, row in read_rows(paths)))
 
 
 def axolotl_rows(reader, renormalize: bool = False):

@@ -24,10 +24,9 @@ import pyarrow as pa
 
 from kdcache.errors import BadInputError
 from kdcache.interop.files import expand_paths, read_rows
-from kdcache.interop.writer import ImportedExample
-from kdcache.store.imported import ImportInfo
+from kdcache.interop.writer import ImportedExample, ImportSource
 
-__all__ = ["CONFIG_FILE", "distillkit_compressor", "read_distillkit", "write_distillkit"]
+__all__ = ["CONFIG_FILE", "distillkit_compressor", "distillkit_source", "write_distillkit"]
 
 CONFIG_FILE = "compression_config.yaml"
 _PEER = Path(__file__).resolve().parents[3] / "shared" / "peers" / "distillkit-a61c2e7"
@@ -92,39 +91,47 @@ def _read_config(paths: list[str], config_path: str | None) -> tuple[dict, str]:
     return config, config_path
 
 
-def read_distillkit(paths: list[str], config_path: str | None = None) -> tuple[list[ImportedExample], ImportInfo]:
-    """The examples of a DistillKit dataset, decompressed with DistillKit's codec (see the module docstring)."""
-    import torch
-
+def distillkit_source(paths: list[str], config_path: str | None = None) -> ImportSource:
+    """A DistillKit dataset as an import source, decompressed with DistillKit's codec (see the module docstring)."""
     config, _ = _read_config(paths, config_path)
     compressor = distillkit_compressor(config)
     files = [p for p in expand_paths(paths) if p.endswith(".parquet")]
     if not files:
         raise BadInputError(f"no .parquet files in {', '.join(paths)}")
-    examples = []
-    for source, index, row in read_rows(files):
-        where = f"{source} row {index}"
-        if row.get("input_ids") is None:
-            raise BadInputError(f"{where} has no input_ids")
-        packed = {key: value for key, value in row.items() if key != "input_ids" and value is not None}
-        tokens = np.array(row["input_ids"], dtype=np.int64)
-        n = len(tokens)
-        try:
-            tensors = {key: torch.as_tensor(np.array(value, dtype=np.uint8 if key in
-                                                     ("compressed_logprobs", "bytepacked_indices") else None))
-                       for key, value in packed.items()}
-            ids, logprobs = compressor.decompress_to_sparse(tensors)
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise BadInputError(f"{where} cannot be decompressed with this compression config "
-                                f"({str(exc).splitlines()[0]})") from None
-        ids, logprobs = ids.numpy().astype(np.int64), logprobs.float().numpy().astype(np.float64)
-        if ids.shape[0] != n - 1:
-            raise BadInputError(f"{where} holds {ids.shape[0]} packed positions for {n} input_ids; DistillKit writes "
-                                "one per token after the first")
-        mask = np.ones(n, dtype=bool)
-        mask[0] = False
-        examples.append(ImportedExample(tokens, mask, ids, logprobs, source, index, {}))
-    return examples, ImportInfo(format="distillkit", sources=tuple(paths), tail="derived", compression=config)
+
+    def read():
+        for source, index, row in read_rows(files):
+            yield _decoded(compressor, source, index, row)
+
+    return ImportSource(format="distillkit", paths=tuple(paths), read=read, compression=config)
+
+
+def _decoded(compressor, source: str, index: int, row: dict) -> ImportedExample:
+    import torch
+
+    where = f"{source} row {index}"
+    if row.get("input_ids") is None:
+        raise BadInputError(f"{where} has no input_ids")
+    packed = {key: value for key, value in row.items() if key != "input_ids" and value is not None}
+    tokens = np.array(row["input_ids"], dtype=np.int64)
+    n = len(tokens)
+    try:
+        tensors = {key: torch.as_tensor(np.array(value, dtype=np.uint8 if key in _BYTES else None))
+                   for key, value in packed.items()}
+        ids, logprobs = compressor.decompress_to_sparse(tensors)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise BadInputError(f"{where} cannot be decompressed with this compression config "
+                            f"({str(exc).splitlines()[0]})") from None
+    ids, logprobs = ids.numpy().astype(np.int64), logprobs.float().numpy().astype(np.float64)
+    if ids.shape[0] != n - 1:
+        raise BadInputError(f"{where} holds {ids.shape[0]} packed positions for {n} input_ids; DistillKit writes "
+                            "one per token after the first")
+    mask = np.ones(n, dtype=bool)
+    mask[0] = False
+    return ImportedExample(tokens, mask, ids, logprobs, source, index, {})
+
+
+_BYTES = ("compressed_logprobs", "bytepacked_indices")
 
 
 def lossless_config(k: int, vocab: int) -> dict:

@@ -23,10 +23,9 @@ import numpy as np
 
 from kdcache.errors import BadInputError
 from kdcache.interop.files import read_rows
-from kdcache.interop.writer import ImportedExample
-from kdcache.store.imported import ImportInfo
+from kdcache.interop.writer import ImportedExample, ImportSource
 
-__all__ = ["read_vllm_dump"]
+__all__ = ["vllm_source"]
 
 _IDS_KEYS = ("prompt_token_ids", "input_ids", "token_ids")
 _EXTRA_FIELDS = ("id", "messages", "prompt", "text")
@@ -97,28 +96,32 @@ def _targets(row: dict, n: int, where: str) -> np.ndarray:
     return mask
 
 
-def read_vllm_dump(paths: list[str], k: int | None = None) -> tuple[list[ImportedExample], ImportInfo]:
-    """The examples of vLLM prompt_logprobs dumps (see the module docstring for the accepted shapes)."""
-    parsed = []
-    for source, index, row in read_rows(paths):
-        where = f"{source} row {index}"
-        ids_key = next((key for key in _IDS_KEYS if row.get(key) is not None), None)
-        if ids_key is None or row.get("prompt_logprobs") is None:
-            raise BadInputError(f"{where} has no prompt_logprobs beside prompt_token_ids (or input_ids); dump "
-                                "RequestOutput.prompt_token_ids and .prompt_logprobs of SamplingParams(prompt_logprobs=k)")
-        tokens, positions = [int(t) for t in row[ids_key]], row["prompt_logprobs"]
-        if len(positions) != len(tokens):
-            raise BadInputError(f"{where}: prompt_logprobs has {len(positions)} positions for {len(tokens)} tokens "
-                                "(vLLM gives one per prompt token, the first null)")
-        mask = _targets(row, len(tokens), where)
-        entries = []
-        for t in np.flatnonzero(mask):
-            if positions[t] is None:
-                raise BadInputError(f"{where}: position {t} has no logprobs (only position 0 may be null)")
-            entries.append(_entries(positions[t], f"{where} position {t}"))
-        fields = {key: row[key] for key in _EXTRA_FIELDS if key in row}
-        parsed.append((source, index, np.array(tokens, dtype=np.int64), mask, entries, fields))
-    available = min((_contiguous_ranks(e) for *_, entries, _ in parsed for e in entries), default=0)
+def _parse(source: str, index: int, row: dict):
+    """(tokens, target mask, entries of each target position, kept fields) of one dumped request."""
+    where = f"{source} row {index}"
+    ids_key = next((key for key in _IDS_KEYS if row.get(key) is not None), None)
+    if ids_key is None or row.get("prompt_logprobs") is None:
+        raise BadInputError(f"{where} has no prompt_logprobs beside prompt_token_ids (or input_ids); dump "
+                            "RequestOutput.prompt_token_ids and .prompt_logprobs of SamplingParams(prompt_logprobs=k)")
+    tokens, positions = [int(t) for t in row[ids_key]], row["prompt_logprobs"]
+    if len(positions) != len(tokens):
+        raise BadInputError(f"{where}: prompt_logprobs has {len(positions)} positions for {len(tokens)} tokens "
+                            "(vLLM gives one per prompt token, the first null)")
+    mask = _targets(row, len(tokens), where)
+    entries = []
+    for t in np.flatnonzero(mask):
+        if positions[t] is None:
+            raise BadInputError(f"{where}: position {t} has no logprobs (only position 0 may be null)")
+        entries.append(_entries(positions[t], f"{where} position {t}"))
+    fields = {key: row[key] for key in _EXTRA_FIELDS if key in row}
+    return np.array(tokens, dtype=np.int64), mask, entries, fields
+
+
+def vllm_source(paths: list[str], k: int | None = None) -> ImportSource:
+    """vLLM prompt_logprobs dumps as an import source (see the module docstring for the accepted shapes); k is
+    settled by a first pass over the files."""
+    available = min((_contiguous_ranks(e) for source, index, row in read_rows(paths)
+                     for e in _parse(source, index, row)[2]), default=0)
     if k is None:
         k = available
     elif k > available:
@@ -127,10 +130,13 @@ def read_vllm_dump(paths: list[str], k: int | None = None) -> tuple[list[Importe
     if k < 1:
         raise BadInputError("the dump holds no ranked entries (rank 1 missing somewhere); dump prompt_logprobs with "
                             "their ranks")
-    examples = []
-    for source, index, tokens, mask, entries, fields in parsed:
-        tops = [_top(e, k) for e in entries]
-        ids = np.array([t[0] for t in tops], dtype=np.int64).reshape(len(tops), k)
-        logprobs = np.array([t[1] for t in tops], dtype=np.float64).reshape(len(tops), k)
-        examples.append(ImportedExample(tokens, mask, ids, logprobs, source, index, fields))
-    return examples, ImportInfo(format="vllm", sources=tuple(paths), tail="derived")
+
+    def read():
+        for source, index, row in read_rows(paths):
+            tokens, mask, entries, fields = _parse(source, index, row)
+            tops = [_top(e, k) for e in entries]
+            ids = np.array([t[0] for t in tops], dtype=np.int64).reshape(len(tops), k)
+            logprobs = np.array([t[1] for t in tops], dtype=np.float64).reshape(len(tops), k)
+            yield ImportedExample(tokens, mask, ids, logprobs, source, index, fields)
+
+    return ImportSource(format="vllm", paths=tuple(paths), read=read)

@@ -5,6 +5,10 @@ kdcache.store.writer), so `kdcache cache verify`, resuming an interrupted import
 on any cache. What differs is recorded in its plan: `imported` (kdcache.store.imported), and, since the files hold no
 exact tail, the mark of vLLM's prompt_logprobs route (``teacher.backend: vllm``, ``teacher.vllm.scoring:
 prompt_logprobs``, no tail temperatures), under which losses that need the exact tail are refused.
+
+The files are read twice, one sequence at a time: a first pass for what the plan needs (the count, k, the
+fingerprint, the longest sequence, whether every top-k is renormalised), a second to write the shards; so an import
+holds one shard in memory, not the dataset.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +33,7 @@ from kdcache.store.writer import commit_shard
 
 log = logging.getLogger("kdcache.interop")
 
-__all__ = ["ImportedExample", "import_plan", "write_imported_cache"]
+__all__ = ["ImportSource", "ImportedExample", "import_plan", "write_imported_cache"]
 
 #: The plan's record of the route that produced the top-k: vLLM's prompt_logprobs (the tail derived, no grid), which
 #: is what the published producers of all three formats run (DistillKit's sample_logits_vllm, Axolotl's vLLM step).
@@ -51,6 +56,23 @@ class ImportedExample:
     source: str
     source_row: int
     fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImportSource:
+    """Files in one of the import formats: `read()` yields their sequences (a new pass each call, same order)."""
+
+    format: str  # kdcache.store.imported.IMPORT_FORMATS
+    paths: tuple[str, ...]
+    read: Callable[[], Iterable[ImportedExample]]
+    compression: dict | None = None  # distillkit: its config, recorded in the plan
+    renormalised_means_no_tail: bool = False  # axolotl: top-k summing to 1 were renormalised (tail: none)
+
+
+def renormalised(logprobs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Whether every row of [T, k] log-probs sums (as probabilities) to 1 within `atol`: a top-k without tail."""
+    mass = np.exp(np.logaddexp.reduce(logprobs.astype(np.float64), axis=-1))
+    return bool(np.all(np.abs(mass - 1.0) <= atol))
 
 
 def _checked(example: ImportedExample, k: int, vocab: int, where: str) -> ImportedExample:
@@ -80,10 +102,34 @@ def _checked(example: ImportedExample, k: int, vocab: int, where: str) -> Import
     return example
 
 
-def import_plan(examples: list[ImportedExample], tokenizer, tokenizer_name: str, info: ImportInfo, k: int,
-                teacher: str, teacher_dtype: str, shard_size: int) -> Plan:
-    """The plan of an imported cache (its dataset fingerprint is over the imported token ids and fields)."""
-    every_token = all(bool(e.target_mask[1:].all()) for e in examples)
+@dataclass
+class _Survey:
+    """What the first pass learns: the plan's counts and fingerprint, and whether every top-k is renormalised."""
+
+    k: int = 0
+    count: int = 0
+    max_length: int = 1
+    every_token: bool = True
+    all_renormalised: bool = True
+    targets: int = 0
+    fingerprint: str = ""
+
+    def rows(self, examples: Iterator[ImportedExample]) -> Iterator[dict]:
+        """The fingerprinted fields of each example, noting the rest on the way."""
+        for example in examples:
+            self.count += 1
+            self.max_length = max(self.max_length, len(example.input_ids))
+            self.every_token &= bool(example.target_mask[1:].all())
+            self.targets += len(example.logprobs)
+            if len(example.logprobs):
+                self.all_renormalised &= renormalised(example.logprobs)
+            yield {"input_ids": example.input_ids.tolist(), "target_mask": example.target_mask.tolist(),
+                   "fields": example.fields}
+
+
+def import_plan(survey: _Survey, tokenizer, tokenizer_name: str, info: ImportInfo, teacher: str,
+                teacher_dtype: str, shard_size: int) -> Plan:
+    """The plan of an imported cache (its dataset fingerprint is over the imported token ids, masks and fields)."""
     return Plan(
         format="kdcache",
         format_version=FORMAT_VERSION,
@@ -91,16 +137,15 @@ def import_plan(examples: list[ImportedExample], tokenizer, tokenizer_name: str,
                             vllm=dict(IMPORTED_VLLM_SETTINGS)),
         tokenizer=TokenizerInfo(name=tokenizer_name, fingerprint=tokenizer_fingerprint(tokenizer),
                                 vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id),
-        dataset=DatasetInfo(
-            fingerprint=rows_fingerprint({"input_ids": e.input_ids.tolist(), "target_mask": e.target_mask.tolist(),
-                                          "fields": e.fields} for e in examples),
-            sources=info.sources, num_rows=len(examples), unparsed_rows=0, id_field=None, label_fields=()),
-        template=TemplateInfo(prompt="", target="", system=None, chat="no", distill="all" if every_token else "target",
-                              add_eos=False, chat_template_used=False),
-        sparsifier=SparsifierInfo(kind="topk", k=k, logprob_dtype="float32", tail_temperatures=()),
-        max_length=max(1, max((len(e.input_ids) for e in examples), default=1)),
+        dataset=DatasetInfo(fingerprint=survey.fingerprint, sources=info.sources, num_rows=survey.count,
+                            unparsed_rows=0, id_field=None, label_fields=()),
+        template=TemplateInfo(prompt="", target="", system=None, chat="no",
+                              distill="all" if survey.every_token else "target", add_eos=False,
+                              chat_template_used=False),
+        sparsifier=SparsifierInfo(kind="topk", k=survey.k, logprob_dtype="float32", tail_temperatures=()),
+        max_length=survey.max_length,
         shard_size=shard_size,
-        num_shards=max(1, -(-len(examples) // shard_size)),
+        num_shards=max(1, -(-survey.count // shard_size)),
         imported=info,
     )
 
@@ -150,29 +195,69 @@ def _shard(examples: list[ImportedExample], start: int, k: int, vocab: int) -> S
     )
 
 
-def write_imported_cache(examples: list[ImportedExample], output: str, tokenizer, tokenizer_name: str,
-                         info: ImportInfo, *, teacher: str = "unknown", teacher_dtype: str = "bfloat16",
-                         shard_size: int = 1000, progress: bool = True) -> Manifest:
-    """Commit `examples` as a cache at `output` (resuming an interrupted import of the same files) and finalize it."""
+def _checked_stream(source: ImportSource, k: int | None, vocab: int) -> Iterator[ImportedExample]:
+    """One pass over the source's sequences, each checked and sorted; k from the first one when not given."""
+    for example in source.read():
+        if k is None:
+            k = example.ids.shape[1] if example.ids.ndim == 2 else 0
+            if k < 1:
+                raise BadInputError(f"{example.source} row {example.source_row} has no top-k entries; nothing to "
+                                    "import")
+        yield _checked(example, k, vocab, f"{example.source} row {example.source_row}")
+
+
+def _shards(examples: Iterator[ImportedExample], shard_size: int) -> Iterator[list[ImportedExample]]:
+    shard: list[ImportedExample] = []
+    for example in examples:
+        shard.append(example)
+        if len(shard) == shard_size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def write_imported_cache(source: ImportSource, output: str, tokenizer, tokenizer_name: str, *,
+                         teacher: str = "unknown", teacher_dtype: str = "bfloat16", shard_size: int = 1000,
+                         progress: bool = True) -> Manifest:
+    """Commit the source's sequences as a cache at `output` (resuming an interrupted import of the same files) and
+    finalize it; two passes over the files (see the module docstring)."""
     from tqdm import tqdm
 
-    if not examples:
-        raise BadInputError(f"no sequences found in {', '.join(info.sources)}")
     if shard_size < 1:
         raise BadInputError(f"--shard-size must be at least 1, got {shard_size}")
-    k = examples[0].ids.shape[1] if examples[0].ids.ndim == 2 else 0
-    if k < 1:
-        raise BadInputError(f"{info.sources[0]} row 0 has no top-k entries; nothing to import")
     vocab = len(tokenizer)
-    examples = [_checked(e, k, vocab, f"{e.source} row {e.source_row}") for e in examples]
-    plan = import_plan(examples, tokenizer, tokenizer_name, info, k, teacher, teacher_dtype, shard_size)
+    survey = _Survey()
+
+    def noted(examples: Iterator[ImportedExample], bar) -> Iterator[ImportedExample]:
+        for example in examples:
+            survey.k = survey.k or example.ids.shape[1]
+            bar.update(1)
+            yield example
+
+    with tqdm(desc="cache import: reading", unit="seq", disable=not progress) as bar:
+        survey.fingerprint = rows_fingerprint(survey.rows(noted(_checked_stream(source, None, vocab), bar)))
+    if survey.count == 0:
+        raise BadInputError(f"no sequences found in {', '.join(source.paths)}")
+    none = source.renormalised_means_no_tail and survey.targets > 0 and survey.all_renormalised
+    if none:
+        log.warning("these rows hold renormalised top-k (each sums to 1): no tail mass is known, the cache's tail is "
+                    "the float32-eps floor (plan: imported.tail = none); forward KL over the top-k is right, losses "
+                    "that need the teacher's tail are refused")
+    info = ImportInfo(format=source.format, sources=source.paths, tail="none" if none else "derived",
+                      compression=source.compression)
+    plan = import_plan(survey, tokenizer, tokenizer_name, info, teacher, teacher_dtype, shard_size)
     location = CacheLocation(output)
     hashed = write_or_check_plan(location, plan)
     done = set(committed_shards(location, plan.num_shards))
-    for index in tqdm(range(plan.num_shards), desc="cache import", unit="shard", disable=not progress):
+    shards = _shards(_checked_stream(source, survey.k, vocab), shard_size)
+    for index, examples in enumerate(tqdm(shards, total=plan.num_shards, desc="cache import: writing",
+                                          unit="shard", disable=not progress)):
+        start, stop = plan.shard_rows(index)
         if index in done:
             continue
-        start, stop = plan.shard_rows(index)
-        commit_shard(location, index, _shard(examples[start:stop], start, k, vocab),
+        if len(examples) != stop - start:
+            raise BadInputError(f"{', '.join(source.paths)} changed while being imported; run the import again")
+        commit_shard(location, index, _shard(examples, start, survey.k, vocab),
                      {"rows": [start, stop], "skipped_rows": 0, "plan_hash": hashed})
     return finalize(location)
