@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.errors import BadInputError
-from kdcache.interop.files import read_rows, write_rows
+from kdcache.interop.files import RowWriter, read_rows
 from kdcache.interop.writer import ImportedExample, ImportSource
 
 __all__ = ["PAD_LOGPROB", "axolotl_rows", "axolotl_source", "write_axolotl"]
@@ -124,10 +124,15 @@ AXOLOTL_SCHEMA = pa.schema([
 
 
 def write_axolotl(reader, path: str, renormalize: bool = False) -> int:
-    """Write a cache as an Axolotl KD dataset (.parquet or .jsonl); returns the rows written."""
-    rows = list(axolotl_rows(reader, renormalize))
-    schema = None
-    if path.endswith(".parquet") and not any("messages" in row for row in rows):
-        schema = AXOLOTL_SCHEMA
-    write_rows(path, rows, schema)
-    return len(rows)
+    """Write a cache as an Axolotl KD dataset (.parquet or .jsonl), shard by shard; returns the rows written.
+    Parquet gets AXOLOTL_SCHEMA (plus `messages`, typed from the first shard's rows, when they have them)."""
+    import itertools
+
+    rows = axolotl_rows(reader, renormalize)
+    first = list(itertools.islice(rows, 256))
+    schema = None if any("messages" in row for row in first) else AXOLOTL_SCHEMA
+    with RowWriter(path, schema) as writer:
+        writer.write(first)
+        while batch := list(itertools.islice(rows, 256)):
+            writer.write(batch)
+    return writer.rows

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.errors import BadInputError
-from kdcache.interop.files import expand_paths, read_rows
+from kdcache.interop.files import RowWriter, expand_paths, read_rows
 from kdcache.interop.writer import ImportedExample, ImportSource
 
 __all__ = ["CONFIG_FILE", "distillkit_compressor", "distillkit_source", "write_distillkit"]
@@ -132,6 +132,9 @@ def _decoded(compressor, source: str, index: int, row: dict) -> ImportedExample:
 
 
 _BYTES = ("compressed_logprobs", "bytepacked_indices")
+_TARGET_ONLY = ("DistillKit's format has teacher top-k at every position after the first, but this cache stores "
+                "some positions without (distill=target); export it with --format axolotl (which has a mask), or "
+                "rebuild the cache with --distill all")
 
 
 def lossless_config(k: int, vocab: int) -> dict:
@@ -143,8 +146,6 @@ def lossless_config(k: int, vocab: int) -> dict:
 def write_distillkit(reader, folder: str, config: dict | None = None) -> int:
     """Write an every-token cache as a DistillKit dataset folder (compression_config.yaml + data_0.parquet),
     compressed with DistillKit's codec; `config` defaults to `lossless_config`. Returns the rows written."""
-    import pyarrow.parquet as pq
-    import torch
     import yaml
 
     manifest = reader.manifest
@@ -156,23 +157,26 @@ def write_distillkit(reader, folder: str, config: dict | None = None) -> int:
     if compressor.config is not None:  # written as DistillKit writes it (sample_logits_vllm)
         config = compressor.config.model_dump(mode="json")
     width = config.get("k", k)
-    rows = []
-    for example in reader.iter_examples():
-        if not example.target_mask[1:].all():
-            raise BadInputError("DistillKit's format has teacher top-k at every position after the first, but this "
-                                "cache stores some positions without (distill=target); export it with --format "
-                                "axolotl (which has a mask), or rebuild the cache with --distill all")
-        if len(example.input_ids) < 2:
-            continue
-        packed = compressor.compress_from_sparse(torch.as_tensor(example.sparse_ids[:, :width], dtype=torch.long),
-                                                 torch.as_tensor(example.sparse_logprobs[:, :width],
-                                                                 dtype=torch.float32))
-        rows.append({"input_ids": example.input_ids.astype(np.uint64).tolist(),
-                     **{key: value.to(torch.uint8).numpy().tolist() for key, value in packed.items()}})
+    if manifest.template.distill != "all":
+        raise BadInputError(_TARGET_ONLY)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle)
-    schema = SCHEMA if rows and "compressed_logprobs" in rows[0] else None
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(folder, "data_0.parquet"),
-                   compression="zstd")
-    return len(rows)
+    schema = None if compressor.legacy_compressor is not None else SCHEMA
+    with RowWriter(os.path.join(folder, "data_0.parquet"), schema) as writer:
+        for shard in range(reader.num_shards):
+            writer.write([_packed(compressor, example, width) for example in reader.iter_examples([shard])
+                          if len(example.input_ids) >= 2])
+    return writer.rows
+
+
+def _packed(compressor, example, width: int) -> dict:
+    """One DistillKit row of an every-token cache example (refusing a target-only one)."""
+    import torch
+
+    if not example.target_mask[1:].all():
+        raise BadInputError(_TARGET_ONLY)
+    packed = compressor.compress_from_sparse(torch.as_tensor(example.sparse_ids[:, :width], dtype=torch.long),
+                                             torch.as_tensor(example.sparse_logprobs[:, :width], dtype=torch.float32))
+    return {"input_ids": example.input_ids.astype(np.uint64).tolist(),
+            **{key: value.to(torch.uint8).numpy().tolist() for key, value in packed.items()}}

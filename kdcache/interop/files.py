@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from kdcache.errors import BadInputError
 
-__all__ = ["expand_paths", "read_rows", "write_rows"]
+__all__ = ["RowWriter", "expand_paths", "read_rows"]
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -66,14 +66,39 @@ def read_rows(paths: list[str]) -> Iterator[tuple[str, int, dict]]:
             raise BadInputError(f"{path}: unknown file type; use .jsonl or .parquet")
 
 
-def write_rows(path: str, rows: list[dict], schema: pa.Schema | None = None) -> None:
-    """Write rows as Parquet (zstd) or JSONL, by `path`'s suffix (a folder is made for it)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="zstd")
-    elif path.endswith((".jsonl", ".json")):
-        with open(path, "w", encoding="utf-8") as handle:
+class RowWriter:
+    """Rows appended batch by batch to one Parquet (zstd) or JSONL file, by `path`'s suffix; a context manager.
+    Parquet takes its schema from `schema` or the first batch."""
+
+    def __init__(self, path: str, schema: pa.Schema | None = None):
+        if not path.endswith((".parquet", ".jsonl", ".json")):
+            raise BadInputError(f"{path}: give an output file ending in .parquet or .jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.schema, self.rows = path, schema, 0
+        self._parquet: pq.ParquetWriter | None = None
+        self._jsonl = None if path.endswith(".parquet") else open(path, "w", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.rows += len(rows)
+        if self._jsonl is not None:
             for row in rows:
-                handle.write(json.dumps(row) + "\n")
-    else:
-        raise BadInputError(f"{path}: give an output file ending in .parquet or .jsonl")
+                self._jsonl.write(json.dumps(row) + "\n")
+            return
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self._parquet is None:
+            self.schema = table.schema
+            self._parquet = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self._parquet.write_table(table)
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        elif self._parquet is not None:
+            self._parquet.close()
+        else:  # no rows: an empty table, so the file exists
+            pq.write_table(pa.Table.from_pylist([], schema=self.schema or pa.schema([])), self.path)
