@@ -313,3 +313,12 @@ def test_cli_export_then_import_then_info(tmp_path, target_cache, teacher_dir):
     refused = runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
                                    "-o", out])
     assert refused.exit_code == 2 and "already holds a cache built with other settings" in refused.output
+    # The same file with one log-prob changed is other data: resuming into this cache is refused too.
+    rows = [json.loads(line) for line in open(rows_file)]
+    j = rows[0]["target_mask"].index([1] * 16)
+    rows[0]["target_logprobs"][j][0] -= 0.5
+    with open(rows_file, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    refused = runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
+                                   "--teacher", "tiny-teacher", "--shard-size", "10", "-o", out])
+    assert refused.exit_code == 2 and "dataset.fingerprint" in refused.output, refused.output

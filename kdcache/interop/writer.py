@@ -13,6 +13,7 @@ holds one shard in memory, not the dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -123,13 +124,16 @@ class _Survey:
             self.targets += len(example.logprobs)
             if len(example.logprobs):
                 self.all_renormalised &= renormalised(example.logprobs)
+            topk = hashlib.sha256(np.ascontiguousarray(example.ids, dtype=np.int64).tobytes())
+            topk.update(np.ascontiguousarray(example.logprobs, dtype=np.float64).tobytes())
             yield {"input_ids": example.input_ids.tolist(), "target_mask": example.target_mask.tolist(),
-                   "fields": example.fields}
+                   "fields": example.fields, "topk": topk.hexdigest()}
 
 
 def import_plan(survey: _Survey, tokenizer, tokenizer_name: str, info: ImportInfo, teacher: str,
                 teacher_dtype: str, shard_size: int) -> Plan:
-    """The plan of an imported cache (its dataset fingerprint is over the imported token ids, masks and fields)."""
+    """The plan of an imported cache (its dataset fingerprint is over the imported token ids, masks, fields and
+    top-k, so a resumed import of other log-probs for the same tokens is refused)."""
     return Plan(
         format="kdcache",
         format_version=FORMAT_VERSION,
