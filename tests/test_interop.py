@@ -322,3 +322,19 @@ def test_cli_export_then_import_then_info(tmp_path, target_cache, teacher_dir):
     refused = runner.invoke(main, ["cache", "import", rows_file, "--format", "axolotl", "--tokenizer", teacher_dir,
                                    "--teacher", "tiny-teacher", "--shard-size", "10", "-o", out])
     assert refused.exit_code == 2 and "dataset.fingerprint" in refused.output, refused.output
+
+
+def test_vllm_positions_keep_ranks_one_to_k_whatever_the_shape():
+    from kdcache.interop.vllm import _contiguous_ranks, _entries, _top
+
+    # The actual token (7) outside the top-2 but tied with rank 2: vLLM gives it rank 2 as well.
+    position = {"7": {"logprob": -1.5, "rank": 2}, "3": {"logprob": -0.5, "rank": 1}, "9": {"logprob": -1.5, "rank": 2}}
+    entries = _entries(position, "x")
+    assert _contiguous_ranks(entries) == 2 and _top(entries, 2, actual=7) == ([3, 9], [-0.5, -1.5])
+    # Outside with its own rank; a Parquet map column's (id, value) pairs; bare floats ranked by value.
+    entries = _entries([{"token_id": 7, "logprob": -6.0, "rank": 40}, {"token_id": 3, "logprob": -0.1, "rank": 1}],
+                       "x")
+    assert _contiguous_ranks(entries) == 1 and _top(entries, 1, actual=7) == ([3], [-0.1])
+    assert _top(_entries([(4, -2.0), (5, -0.2), (6, -1.0)], "x"), 2, actual=4) == ([5, 6], [-0.2, -1.0])
+    with pytest.raises(BadInputError, match="no numeric 'logprob'"):
+        _entries({"3": {"rank": 1}}, "row 0 position 1")

@@ -73,11 +73,18 @@ def _contiguous_ranks(entries: list[tuple[int, float, int | None]]) -> int:
     return r
 
 
-def _top(entries: list[tuple[int, float, int | None]], k: int) -> tuple[list[int], list[float]]:
-    ranked = sorted(entries, key=lambda e: (e[2] if e[2] is not None else 0, -e[1]))
-    if any(rank is not None for _, _, rank in entries):
-        ranked = [e for e in ranked if e[2] is not None and 1 <= e[2] <= k]
-    ranked = ranked[:k]
+def _top(entries: list[tuple[int, float, int | None]], k: int, actual: int) -> tuple[list[int], list[float]]:
+    """The k entries of ranks 1..k, by rank (without ranks: the k largest). vLLM ranks the actual token by how many
+    log-probs exceed it, so when it ties with a top-k entry outside the top-k it shares that entry's rank: one entry
+    per rank is kept, the top-k's own rather than the actual token's."""
+    if not any(rank is not None for _, _, rank in entries):
+        ranked = sorted(entries, key=lambda e: -e[1])[:k]
+        return [e[0] for e in ranked], [e[1] for e in ranked]
+    by_rank: dict[int, tuple[int, float, int | None]] = {}
+    for entry in sorted(entries, key=lambda e: e[0] == actual):  # the actual token's entry last
+        if entry[2] is not None and 1 <= entry[2] <= k:
+            by_rank.setdefault(entry[2], entry)
+    ranked = [by_rank[r] for r in sorted(by_rank)]
     return [e[0] for e in ranked], [e[1] for e in ranked]
 
 
@@ -134,7 +141,7 @@ def vllm_source(paths: list[str], k: int | None = None) -> ImportSource:
     def read():
         for source, index, row in read_rows(paths):
             tokens, mask, entries, fields = _parse(source, index, row)
-            tops = [_top(e, k) for e in entries]
+            tops = [_top(e, k, int(tokens[t])) for e, t in zip(entries, np.flatnonzero(mask))]
             ids = np.array([t[0] for t in tops], dtype=np.int64).reshape(len(tops), k)
             logprobs = np.array([t[1] for t in tops], dtype=np.float64).reshape(len(tops), k)
             yield ImportedExample(tokens, mask, ids, logprobs, source, index, fields)
