@@ -291,6 +291,52 @@ def test_prompt_logprobs_route_agrees_with_hf(tmp_path, engine, hf_cache, vllm_t
 
 
 @pytest.mark.vllm
+def test_users_prompt_logprobs_dump_imports_and_trains(tmp_path, engine, vllm_teacher, data_file, tokenizer,
+                                                      student_dir):
+    """`kdcache cache import --format vllm` of RequestOutput.prompt_logprobs dumped as users dump them (real vLLM
+    output, json of the Logprob dataclasses): the top-k agree with the teacher's own log-softmax, and a student
+    trains from the imported cache."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    from kdcache.config import TrainConfig
+    from kdcache.interop import import_cache
+    from kdcache.store.reader import CacheReader
+    from kdcache.train.trainer import train
+
+    rows = [json.loads(line) for line in open(data_file)][:6]
+    prompts = [tokenizer(f"{row['title']} {row['text']}")["input_ids"][:48] for row in rows]
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompts],
+                              SamplingParams(prompt_logprobs=8, max_tokens=1, detokenize=False), use_tqdm=False)
+    dump = tmp_path / "dump.jsonl"
+    with open(dump, "w") as handle:
+        for out in outputs:
+            handle.write(json.dumps({"prompt_token_ids": out.prompt_token_ids, "prompt_logprobs": [
+                None if p is None else {t: dataclasses.asdict(lp) for t, lp in p.items()}
+                for p in out.prompt_logprobs]}) + "\n")
+    cache = str(tmp_path / "imported")
+    import_cache("vllm", [str(dump)], cache, tokenizer, "tok", shard_size=4, progress=False)
+    manifest = CacheReader(cache).manifest
+    assert manifest.sparsifier.k == 8 and manifest.imported.format == "vllm" and verify_cache(cache).ok
+    model = AutoModelForCausalLM.from_pretrained(vllm_teacher, dtype=torch.float32)
+    for ids, example in zip(prompts, CacheReader(cache).iter_examples()):
+        assert example.input_ids.tolist() == ids
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        ours = torch.gather(reference, 1, torch.as_tensor(example.sparse_ids, dtype=torch.long))
+        np.testing.assert_allclose(example.sparse_logprobs, ours.numpy(), atol=1e-4)
+        np.testing.assert_allclose(example.sparse_logprobs[:, 0], reference.max(-1).values.numpy(), atol=1e-4)
+        np.testing.assert_allclose(example.tail_logmass, derived_tail(example.sparse_logprobs), atol=1e-6)
+    result = train(load_config(TrainConfig, None, [
+        f"cache={cache}", f"student={student_dir}", f"out={tmp_path / 'run'}", "profile=cpu", "batch_size=2",
+        "lora.enabled=false", "heldout_fraction=0", "max_steps=3", "save_every=100", "eval_every=100",
+        "chunk_size=64", "progress=false"]))
+    assert result.step == 3
+
+
+@pytest.mark.vllm
 def test_chunked_prefill_agrees_too(tmp_path, engine, hf_cache, vllm_teacher, data_file, tokenizer):
     """All 24 sequences in one generate call: more tokens than one engine step takes, so prompts are prefilled in
     pieces across steps and target rows are scored in whichever step computes them."""

@@ -1,4 +1,5 @@
-"""The `kdcache` command line: cache build|info|verify|finalize|diff, augment, train, ablate, export, eval, compare, demo.
+"""The `kdcache` command line: cache build|info|verify|finalize|diff|import|export, augment, train, ablate, export,
+eval, compare, demo.
 
 One module per subject: cache.py (the `cache` group), train.py (train, ablate, export), eval.py (eval, compare),
 demo.py. Options that set config keys are declared with `options.config_option` and become `key=value` overrides

@@ -1,4 +1,5 @@
-"""`kdcache cache build|info|verify|finalize|diff`: write a teacher cache, and inspect, check or compare caches."""
+"""`kdcache cache build|info|verify|finalize|diff|import|export`: write a teacher cache, inspect, check or compare
+caches, and convert them from and to other tools' formats (kdcache.interop)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ _option = functools.partial(config_option, CacheBuildConfig)
 
 @click.group()
 def cache() -> None:
-    """Build, inspect, verify, finalize and compare teacher caches."""
+    """Build, inspect, verify, finalize and compare teacher caches; import and export other tools' formats."""
 
 
 @cache.command("build")
@@ -117,6 +118,8 @@ def cache_info(path, as_json, skip_checksums) -> None:
         f"dataset         {', '.join(dataset.sources)} ({dataset.num_rows} rows, {dataset.fingerprint[:19]}...)",
         f"template        distill={manifest.template.distill} chat={manifest.template.chat_template_used}",
         f"sparsifier      {sparsifier.kind} k={sparsifier.k} logprobs={sparsifier.logprob_dtype}",
+        *([f"imported        from {manifest.imported.format} (tail: {manifest.imported.tail}; docs/interop.md)"]
+          if manifest.imported else []),
         f"shards          {stats['shards']}",
         f"examples        {stats['examples']} (skipped rows: {stats['skipped_rows']})",
         f"tokens          {stats['tokens']}",
@@ -192,3 +195,58 @@ def diff_command(a, b, atol, as_json, show) -> None:
     else:
         click.echo(report.summary(atol))
     sys.exit(0 if report.agrees(atol) else 1)
+
+
+@cache.command("import")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["vllm", "axolotl", "distillkit"]), required=True,
+              help="vllm: dumps of RequestOutput.prompt_logprobs; axolotl: Axolotl KD rows (target_token_ids, "
+                   "target_logprobs); distillkit: a DistillKit compressed logit dataset folder.")
+@click.option("--output", "-o", required=True, help="Cache folder to write (an interrupted import resumes).")
+@click.option("--tokenizer", required=True, help="The tokenizer the files' token ids belong to (the teacher's).")
+@click.option("--teacher", default="unknown", show_default=True, help="Teacher name recorded in the plan.")
+@click.option("--teacher-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Teacher dtype recorded in the plan (the files do not say).")
+@click.option("--k", type=int, default=None, help="Keep the top k entries per position (default: all the files hold).")
+@click.option("--compression-config", default=None,
+              help="distillkit: its compression_config.yaml (default: the one beside the data).")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Sequences per shard.")
+@click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar.")
+@friendly_errors
+def cache_import(paths, fmt, output, tokenizer, teacher, teacher_dtype, k, compression_config, shard_size,
+                 no_progress) -> None:
+    """Import another tool's top-k teacher log-probs as a kdcache cache (verify, resume and train as any cache).
+
+    \b
+    No imported format has the teacher's exact tail: it is derived as log(1 - sum p_topk) and the plan is marked
+    so (imported.tail; teacher.vllm.scoring=prompt_logprobs), so reverse KL and T != 1 with an exact tail are
+    refused. Axolotl's renormalised top-k carry no tail mass at all (imported.tail = none). docs/interop.md.
+    """
+    from kdcache.interop import import_cache
+    from kdcache.modeling import load_tokenizer
+
+    manifest = import_cache(fmt, list(paths), output, load_tokenizer(tokenizer), tokenizer, k=k,
+                            compression_config=compression_config, teacher=teacher, teacher_dtype=teacher_dtype,
+                            shard_size=shard_size, progress=not no_progress)
+    click.echo(f"imported {manifest.counts.num_examples} sequences, {manifest.counts.num_targets} target tokens "
+               f"(k={manifest.sparsifier.k}, tail: {manifest.imported.tail}) into {output}")
+
+
+@cache.command("export")
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(["axolotl", "distillkit", "parquet"]), required=True,
+              help="axolotl: KD rows for Axolotl's kd plugin; distillkit: a compressed logit dataset folder; "
+                   "parquet: one plain per-position table.")
+@click.option("--output", "-o", required=True,
+              help="axolotl: a .parquet or .jsonl file; distillkit: a folder; parquet: a .parquet file.")
+@click.option("--renormalize", is_flag=True, help="axolotl: renormalise each top-k to sum to 1 (drops the tail mass).")
+@click.option("--compression-config", default=None,
+              help="distillkit: a compression_config.yaml (default: every log-prob kept exact, float32).")
+@friendly_errors
+def cache_export(path, fmt, output, renormalize, compression_config) -> None:
+    """Write a cache in another tool's format. The tail, the tail-temperature grid, spans and hidden states are
+    dropped by axolotl and distillkit (docs/interop.md lists what each keeps)."""
+    from kdcache.interop import export_cache
+
+    rows = export_cache(path, fmt, output, renormalize=renormalize, compression_config=compression_config)
+    click.echo(f"wrote {rows} rows ({fmt}) to {output}")

@@ -19,6 +19,7 @@ from kdcache.errors import BadInputError
 from kdcache.store import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from kdcache.store.fingerprint import canonical_json, rows_fingerprint, tokenizer_fingerprint
 from kdcache.store.hidden import HiddenInfo
+from kdcache.store.imported import ImportInfo
 from kdcache.store.schema import FieldError, Record, check_at_least, omitted_when_none
 
 #: The first format version whose commit records and manifest carry the plan's hash (and must).
@@ -150,6 +151,7 @@ class Plan(Record):
     num_shards: int
     generate: GenerateInfo | None = omitted_when_none()  # absent from teacher-forced caches' plans
     hidden: HiddenInfo | None = omitted_when_none()  # teacher hidden states (kdcache.store.hidden); absent: none
+    imported: ImportInfo | None = omitted_when_none()  # `kdcache cache import` (kdcache.store.imported); absent: built
 
     def __post_init__(self) -> None:
         if self.format_version not in READABLE_FORMAT_VERSIONS:

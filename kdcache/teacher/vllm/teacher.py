@@ -178,15 +178,22 @@ class VLLMTeacher:
         # Token t (predicted from row t - 1) sits at position t of the container: the actual token, then ranks 1..k.
         first = starts[np.asarray(rows, dtype=np.int64) + 1] + 1
         index = first[:, None] + np.arange(k)[None, :]
-        ids = token_ids[index]
-        logprobs = values[index]
-        if (ids >= self.vocab_size).any():
-            raise BadInputError(
-                "vLLM put an LM-head padding row (an id past the tokenizer's vocabulary) in a top-k; the "
-                "prompt_logprobs route cannot remove padding rows: use teacher.vllm.scoring=exact"
-            )
-        return SparseTargets(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(logprobs.astype(np.float32)),
-                           tail_logmass=torch.from_numpy(derived_tail(logprobs).astype(np.float32)))
+        return prompt_logprob_targets(token_ids[index], values[index], self.vocab_size)
+
+
+def prompt_logprob_targets(ids: np.ndarray, logprobs: np.ndarray, vocab_size: int,
+                           fix: str = "use teacher.vllm.scoring=exact") -> SparseTargets:
+    """`SparseTargets` from vLLM prompt logprobs already cut to the k ranked entries of each target row: ids and
+    log-probs [T, k] (rank 1 first), the tail derived (`derived_tail`). An id past the tokenizer's vocabulary (an
+    LM-head padding row, which vLLM's softmax includes) is refused, saying `fix`. Also used by `kdcache cache import`
+    for users' dumps of prompt_logprobs (kdcache.interop.vllm)."""
+    if (ids >= vocab_size).any():
+        raise BadInputError(
+            "vLLM put an LM-head padding row (an id past the tokenizer's vocabulary) in a top-k; the "
+            f"prompt_logprobs route cannot remove padding rows: {fix}"
+        )
+    return SparseTargets(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(logprobs.astype(np.float32)),
+                         tail_logmass=torch.from_numpy(derived_tail(logprobs).astype(np.float32)))
 
 
 def derived_tail(logprobs: np.ndarray) -> np.ndarray:
@@ -214,4 +221,4 @@ def make_vllm_backend(config, vocab_size: int) -> VLLMTeacher:
     return VLLMTeacher(config.teacher, vocab_size, config.sparsifier.k)
 
 
-__all__ = ["TAIL_FLOOR", "VLLMTeacher", "derived_tail", "make_vllm_backend", "target_rows"]
+__all__ = ["TAIL_FLOOR", "VLLMTeacher", "derived_tail", "make_vllm_backend", "prompt_logprob_targets", "target_rows"]
