@@ -41,6 +41,9 @@ _option = functools.partial(config_option, TrainConfig)
 @_option("allow_config_change", "--allow-config-change", sets=True,
          help="Resume a run folder whose checkpoint was trained with other settings (the old ones are kept).")
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
+@_option("report_to", "--report-to",
+         help="Experiment tracker that gets the metrics.jsonl scalars; repeat it for several (the list replaces the "
+              "default): wandb and mlflow need pip install 'kdcache[wandb]' / 'kdcache[mlflow]' (docs/training.md).")
 @set_option("grad_accum=4")
 @friendly_errors
 def train_command(config_path, overrides, cache_weights, **options) -> None:
