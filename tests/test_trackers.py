@@ -112,6 +112,7 @@ def test_missing_tracker_library_is_one_line_error(tmp_path, sharp_cache, studen
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert "wandb" in line and "pip install 'kdcache[wandb]'" in line
+    assert not (tmp_path / "run").exists()  # refused before the run folder, or any model, was made
 
 
 def test_report_to_takes_the_older_tensorboard_switch():

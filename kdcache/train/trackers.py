@@ -181,6 +181,9 @@ class MlflowTracker(Tracker):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         client = mlflow.MlflowClient(tracking_uri=uri)
         run_id = _run_ids(out).get(cls.name)
+        if run_id is not None and not _mlflow_run_exists(client, run_id):  # another tracking URI than before
+            log.warning("the MLflow run %s of %s is not at %s: starting a new one", run_id, out, uri)
+            run_id = None
         if run_id is None:
             experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kdcache"
             found = client.get_experiment_by_name(experiment)
@@ -203,8 +206,29 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id)
 
 
+def _mlflow_run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 #: The trackers `report_to` may name, in the order they are opened.
 TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoardTracker, WandbTracker, MlflowTracker)}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse, before any model is loaded, a tracker of `names` whose library is not installed (TensorBoard only
+    warns when it is opened)."""
+    for name in names:
+        if name != TensorBoardTracker.name:
+            try:
+                __import__(name)
+            except ImportError:
+                raise _missing(name, name) from None
 
 
 def open_trackers(names: list[str], out: Path, resume_step: int, config: dict) -> list[Tracker]:

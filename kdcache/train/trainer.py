@@ -41,7 +41,7 @@ from kdcache.train.mixing import (CacheMixture, EndlessBatches, check_loss_for_c
 from kdcache.train.objective import DistillationObjective
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
-from kdcache.train.trackers import RunLog
+from kdcache.train.trackers import RunLog, check_trackers
 
 RUN_SUMMARY = "run_summary.json"
 
@@ -124,6 +124,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None,
     precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
     if config.optimizer == "adamw_8bit":
         require_bitsandbytes("adamw_8bit", precision.device)  # before any model is loaded
+    check_trackers(config.report_to)
     dist = init_distributed(precision.device)
     try:
         precision = dataclasses.replace(precision, device=dist.device(precision.device))
