@@ -361,7 +361,10 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints (a re-run resumes from the last); the last step is saved too
     seed: int = 0  # LoRA initialisation, data order and dropout
     progress: bool = True
-    tensorboard: bool = True  # scalars into OUT/tensorboard when the tensorboard package is installed
+    # Experiment trackers that get the metrics.jsonl scalars (kdcache/train/trackers.py): tensorboard (OUT/tensorboard),
+    # wandb (pip install 'kdcache[wandb]'), mlflow (pip install 'kdcache[mlflow]'); [] for metrics.jsonl alone.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None  # the older switch: false drops tensorboard from report_to, true adds it
     # Resume a run folder whose checkpoint was trained with other settings (kdcache/train/run_config.py): the
     # differences are logged, and the settings each part of the run was trained with are kept.
     allow_config_change: bool = False
@@ -370,6 +373,11 @@ class TrainConfig:
     hidden_student_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigValueError("report_to", "a list of distinct trackers", self.report_to)
+        if self.tensorboard is not None:  # the older switch, folded into report_to (the same after a round trip)
+            others = [name for name in self.report_to if name != "tensorboard"]
+            self.report_to = ["tensorboard", *others] if self.tensorboard else others
         self.caches = [CacheSource(**c) if isinstance(c, dict) else c for c in self.caches]
         if self.cache and self.caches:
             raise ConfigValueError("caches", f"empty when cache is set (give one of them; cache={self.cache!r})",

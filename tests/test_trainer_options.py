@@ -19,8 +19,8 @@ from test_trainer import config
 from kdcache.cli import main
 from kdcache.errors import BadInputError
 from kdcache.train import student as student_module
-from kdcache.train import trainer as trainer_module
 from kdcache.train.checkpoint import read_checkpoint
+from kdcache.train.trackers import TensorBoardTracker
 from kdcache.train.trainer import train
 
 
@@ -81,8 +81,8 @@ def test_tensorboard_curve_has_no_doubles_after_kill_and_resume(tmp_path, sharp_
 def test_missing_tensorboard_warns_once_and_trains(tmp_path, sharp_cache, student_dir, monkeypatch,
                                                     caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
-    monkeypatch.setattr(trainer_module, "_warned_no_tensorboard", False)
-    with caplog.at_level(logging.WARNING, logger="kdcache.train.trainer"):
+    monkeypatch.setattr(TensorBoardTracker, "warned_missing", False)
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.trackers"):
         for name in ("a", "b"):  # e.g. two runs of an ablation in one process
             result = train(config(sharp_cache, student_dir, tmp_path / name, "max_steps=1"))
             assert result.step == 1

@@ -41,6 +41,9 @@ _option = functools.partial(config_option, TrainConfig)
 @_option("allow_config_change", "--allow-config-change", sets=True,
          help="Resume a run folder whose checkpoint was trained with other settings (the old ones are kept).")
 @_option("progress", "--no-progress", sets=False, help="No progress bar.")
+@_option("report_to", "--report-to",
+         help="Experiment tracker that gets the metrics.jsonl scalars; repeat it for several (the list replaces the "
+              "default): wandb and mlflow need pip install 'kdcache[wandb]' / 'kdcache[mlflow]' (docs/training.md).")
 @set_option("grad_accum=4")
 @friendly_errors
 def train_command(config_path, overrides, cache_weights, **options) -> None:
@@ -131,13 +134,34 @@ def ablate_command(cache_path, grid_path, out, search, trials, overrides) -> Non
 @click.command("export")
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
               help="A LoRA adapter folder (a run's final/ or best/).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model.")
-@click.option("--base", help="Base model, when not the one named in the adapter's config.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the exported model.")
+@click.option("--base", help="Base model to load, when not the one named in the adapter's config.")
+@click.option("--base-model-id", metavar="HUB_ID",
+              help="The base's hub id, written instead of a local path (adapter/model config, card). Default: found "
+                   "from the base, the run's student, a hub cache path, or the base's config.json.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Dtype of the merged weights (merged in fp32, then cast). Default: the base's own.")
+@click.option("--no-merge", is_flag=True, help="Export the adapter alone (for peft on the base) instead of merging.")
+@click.option("--compare", "compare_dir", type=click.Path(exists=True, file_okay=False),
+              help="A `kdcache compare --out` folder: its results go into the model card.")
+@click.option("--push-to-hub", "repo", metavar="REPO",
+              help="Then upload the folder to this hub model repo (created if new) with huggingface_hub; needs a "
+                   "token (hf auth login or HF_TOKEN).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @friendly_errors
-def export_command(adapter, out, base) -> None:
-    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment, with a
-    README.md model card naming the teacher, the cache's plan hash, the loss and the steps."""
-    from kdcache.train.export import merge_adapter
+def export_command(adapter, out, base, base_model_id, dtype, no_merge, compare_dir, repo, private) -> None:
+    """Merge a LoRA adapter into its base model and save a plain transformers model for deployment (or, with
+    --no-merge, the adapter alone), with a README.md model card: the teacher, the cache's fingerprint (plan hash)
+    and format, the student base, the loss and its settings, the steps, and the compare results when given."""
+    from kdcache.train.export import export
+    from kdcache.train.hub import check_repo_id, push_to_hub
 
-    merge_adapter(adapter, out, base)
-    click.echo(f"merged {adapter} into {out}")
+    if repo:
+        check_repo_id(repo)
+    done = export(adapter, out, base, merge=not no_merge, dtype=dtype, base_model_id=base_model_id,
+                  compare=compare_dir)
+    named = done.base_model_id or f"{done.base} (no hub id found: pass --base-model-id)"
+    click.echo(f"{'merged' if done.dtype else 'copied'} {adapter} into {out}"
+               + (f" ({done.dtype})" if done.dtype else "") + f"; base model {named}")
+    if repo:
+        click.echo(f"pushed {out} to {repo}: {push_to_hub(out, repo, private)}")

@@ -28,7 +28,8 @@ from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
 
 CONFIG_FILE = "train_config.json"
-EXEMPT = frozenset({"progress", "tensorboard", "save_every", "out", "allow_config_change", "verify_checksums"})
+EXEMPT = frozenset({"progress", "tensorboard", "report_to", "save_every", "out", "allow_config_change",
+                    "verify_checksums"})
 
 log = logging.getLogger(__name__)
 

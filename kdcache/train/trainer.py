@@ -4,7 +4,8 @@
 step's record) and `_evaluate_and_maybe_save` (held-out figures, best tracking, patience); checkpoints are
 :mod:`kdcache.train.checkpoint`'s. The same command runs as one process or under ``torchrun --nproc_per_node N`` (DDP,
 see :mod:`kdcache.train.distributed`): each rank reads its own shards, gradients are all-reduced, held-out sums are
-reduced over ranks, and rank 0 alone writes checkpoints, metrics, TensorBoard logs and the progress bar.
+reduced over ranks, and rank 0 alone writes checkpoints, metrics, the trackers' logs (report_to,
+:mod:`kdcache.train.trackers`) and the progress bar.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.config import TrainConfig
+from kdcache.config import TrainConfig, to_dict
 from kdcache.errors import BadInputError
 from kdcache.modeling import check_model_source, load_tokenizer
 from kdcache.outputs import check_output_folder, storage_errors
@@ -40,10 +41,9 @@ from kdcache.train.mixing import (CacheMixture, EndlessBatches, check_loss_for_c
 from kdcache.train.objective import DistillationObjective
 from kdcache.train.run_config import check_resume_config, record_config
 from kdcache.train.student import Precision, load_student, make_optimizer, require_bitsandbytes, resolve_precision
+from kdcache.train.trackers import RunLog, check_trackers
 
-METRICS = "metrics.jsonl"
 RUN_SUMMARY = "run_summary.json"
-TENSORBOARD = "tensorboard"
 
 log = logging.getLogger(__name__)
 
@@ -72,75 +72,6 @@ def _seed_rank(seed: int, dist: Distributed) -> None:
     """Under DDP, give each rank its own random stream (dropout masks) once the model is built identically."""
     if dist.enabled:
         random.seed(seed + dist.rank), np.random.seed(seed + dist.rank), torch.manual_seed(seed + dist.rank)
-
-
-class MetricsLog:
-    """metrics.jsonl (one line per step or evaluation), trimmed to the checkpoint's step on resume."""
-
-    def __init__(self, out: Path, resume_step: int):
-        self.path = out / METRICS
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-_warned_no_tensorboard = False
-
-
-def _summary_writer(folder: Path, resume_step: int):
-    """A TensorBoard SummaryWriter (None, with one warning per process, when tensorboard is not installed).
-
-    ``purge_step`` drops events a killed run wrote after its last checkpoint, so a resumed curve has no doubles.
-    """
-    global _warned_no_tensorboard
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        if not _warned_no_tensorboard:
-            log.warning("tensorboard=true but the tensorboard package is not installed, so no TensorBoard logs are "
-                        "written (metrics.jsonl still is): pip install tensorboard, or set tensorboard=false")
-            _warned_no_tensorboard = True
-        return None
-    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
-
-
-def scalar_tag(key: str) -> str:
-    """TensorBoard tag of a metrics record key: heldout_* under heldout/, everything else under train/."""
-    return f"heldout/{key[len('heldout_'):]}" if key.startswith("heldout_") else f"train/{key}"
-
-
-class RunLog:
-    """Where a run's figures go: metrics.jsonl and TensorBoard scalars, written by rank 0 only (a no-op elsewhere)."""
-
-    def __init__(self, out: Path, resume_step: int, tensorboard: bool, active: bool):
-        self.metrics = MetricsLog(out, resume_step) if active else None
-        self.writer = _summary_writer(out / TENSORBOARD, resume_step) if active and tensorboard else None
-
-    def write(self, record: dict) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.write(record)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(scalar_tag(key), value, record["step"])
-            for label, figures in record.get("heldout_caches", {}).items():  # several caches: each one's figures
-                for key, value in figures.items():
-                    if isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"heldout/{label}/{key.removeprefix('heldout_')}", value,
-                                               record["step"])
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 @dataclass
@@ -193,6 +124,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None,
     precision = resolve_precision(config.profile, full_finetune=not config.lora.enabled)
     if config.optimizer == "adamw_8bit":
         require_bitsandbytes("adamw_8bit", precision.device)  # before any model is loaded
+    check_trackers(config.report_to)
     dist = init_distributed(precision.device)
     try:
         precision = dataclasses.replace(precision, device=dist.device(precision.device))
@@ -241,7 +173,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
                train_data, heldout, saved_step, hidden_term)
     if dist.is_main:
         record_config(out, config, changes, state.step)
-    run_log = RunLog(out, state.step, config.tensorboard, active=dist.is_main)
+    run_log = RunLog(out, state.step, config.report_to, active=dist.is_main, config=to_dict(config))
     from tqdm import tqdm
 
     bar = tqdm(total=config.max_steps, initial=state.step, desc="train",
