@@ -65,8 +65,9 @@ def test_a_killed_study_resumes_to_the_same_trial_list(tmp_path, sharp_cache, st
     assert len(after) == len(before) + 3 and len(rows) == len(after)
     assert {t.number: t.params for t in after if t.number in kept} == kept  # the finished trials are kept as they were
     interrupted = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
-    for trial in interrupted:  # a trial the kill cut short is failed and its parameters are run again
-        assert any(t.params == trial.params and t.user_attrs.get("retry_of") == trial.number for t in after)
+    for trial in interrupted:  # a trial the kill cut short is failed and, if it had all its parameters, run again
+        retried = any(t.params == trial.params and t.user_attrs.get("retry_of") == trial.number for t in after)
+        assert retried == (len(trial.params) == len(after[0].params))
     for trial in after:  # the search space: the cache's temperatures, ranges for the weight and lr
         assert trial.params["loss.temperature"] in (1.0, 2.0) and 0.0 <= trial.params["loss.ce_weight"] <= 0.9
         assert 1e-4 <= trial.params["lr"] <= 1e-1
@@ -87,3 +88,20 @@ def test_the_search_refuses_a_temperature_the_cache_does_not_store(tmp_path, sha
     result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(_grid(tmp_path, student_dir)),
                                        "--out", str(tmp_path / "g")])
     assert result.exit_code == 2 and "ranges {low, high} are for --search optuna" in result.output, result.output
+
+
+def test_only_trials_that_chose_every_parameter_are_run_again():
+    """A trial killed after choosing its parameters is queued again with them; one killed while still choosing them
+    (it trained nothing) is failed and not queued, since the rest of its parameters would be chosen afresh."""
+    from kdcache.train.search import recover_interrupted
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    whole, partial = study.ask(), study.ask()
+    whole.suggest_float("lr", 1e-4, 1e-1, log=True)
+    whole.suggest_float("loss.ce_weight", 0.0, 0.9)
+    partial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    assert recover_interrupted(study, ["lr", "loss.ce_weight"]) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[whole.number] == states[partial.number] == optuna.trial.TrialState.FAIL
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs["retry_of"]) for t in waiting] == [(whole.params, whole.number)]

@@ -76,16 +76,21 @@ def open_study(out: Path, maximize: bool, seed: int):
     return study
 
 
-def recover_interrupted(study) -> int:
-    """Trials left RUNNING by a killed process are marked failed and their parameters queued to run again first;
-    returns how many."""
+def recover_interrupted(study, keys) -> int:
+    """Trials left RUNNING by a killed process are marked failed, and those that had chosen every parameter of
+    ``keys`` (so they had started training) are queued to run again first with the same parameters; returns how
+    many were queued. A trial killed while still choosing its parameters trained nothing and is not rerun (queued
+    with some of them, the rest would be chosen afresh: another trial under a retry's name)."""
     from optuna.trial import TrialState
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    queued = 0
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    return len(stale)
+        if set(keys) <= set(trial.params):
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            queued += 1
+    return queued
 
 
 def finished_trials(study) -> list:
@@ -108,7 +113,7 @@ def run_optuna(cache: str, grid_path: str, out: str, trials: int, overrides: tup
     keys = list(spec.grid)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(root, spec.metric is not None, seed)
-    retried = recover_interrupted(study)
+    retried = recover_interrupted(study, keys)
     if retried:
         print(f"resuming {root / STUDY_FILE}: {retried} interrupted trial(s) queued again", flush=True)
 
