@@ -28,6 +28,7 @@ else wrote cannot run code). The price is rank 0's CPU memory for the full train
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
@@ -36,6 +37,8 @@ from kdcache.errors import BadInputError
 
 __all__ = ["full_tensor", "full_tensors", "is_sharded", "load_full_parameter", "lockstep", "shard_objective",
            "sharded_optimizer_state", "unsharded_root"]
+
+log = logging.getLogger(__name__)
 
 
 def _dtensor_type():
@@ -87,9 +90,9 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if id(block) not in inner]
 
 
-def shard_objective(objective: nn.Module, device: torch.device, world_size: int) -> None:
-    """Shard ``objective`` (a DistillationObjective whose student may sit on the CPU) in place over ``world_size``
-    ranks of ``device``'s type: one FSDP unit per transformer block, the rest in the root unit (module docstring).
+def shard_objective(objective: nn.Module, device: torch.device, dist) -> None:
+    """Shard ``objective`` (a DistillationObjective whose student may sit on the CPU) in place over the ranks of
+    ``dist`` (a :class:`kdcache.train.distributed.Distributed`), on ``device``'s type: one FSDP unit per transformer block, the rest in the root unit (module docstring).
 
     Parameters move to ``device`` unit by unit, so a rank never holds more than one block whole on the GPU."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -100,10 +103,14 @@ def shard_objective(objective: nn.Module, device: torch.device, world_size: int)
         raise BadInputError(
             f"distributed.strategy=fsdp shards the student block by block, but {type(objective.model).__name__} "
             "names no transformer block classes (_no_split_modules): use distributed.strategy=ddp")
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    kind = type(blocks[0]).__name__  # before fully_shard renames the classes (FSDP<name>)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(objective, mesh=mesh)
+    if dist.is_main:
+        log.info("FSDP: the student's %d %s blocks and the rest (embeddings, head) sharded over %d ranks",
+                 len(blocks), kind, dist.world_size)
 
 
 @contextlib.contextmanager

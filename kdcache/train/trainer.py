@@ -229,7 +229,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
                                       config.loss.confidence_weight, hidden_term)
     if dist.sharded:  # before the optimizer is made: sharding replaces the parameters with their shards
-        shard_objective(objective, precision.device, dist.world_size)
+        shard_objective(objective, precision.device, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if hidden_term is not None:  # trained with the adapters, after them (the optimizer's state is by position)
         params += list(hidden_term.projector.parameters())
