@@ -200,12 +200,10 @@ class LoraConfig:
 
 @dataclass
 class DistributedConfig:
-    """How `kdcache train` spreads the student over torchrun's processes (docs/training.md); one process ignores it.
+    """How `kdcache train` spreads the student over torchrun's processes (docs/training.md); one process ignores it."""
 
-    ddp: the whole student, its gradients and optimizer states on every GPU (fastest when they fit); fsdp: all three
-    sharded over the GPUs (torch FSDP2), for students larger than one GPU.
-    """
-
+    # ddp: the whole student, its gradients and AdamW states on every GPU (fastest when they fit); fsdp: all three
+    # sharded over the GPUs (torch FSDP2), for students larger than one GPU
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:

@@ -17,7 +17,8 @@ from kdcache.train.checkpoint import read_checkpoint
 
 # Several runs in the same two processes (one torchrun start, whose imports cost most of the time here), under a
 # process group the worker creates itself. Each run: `kdcache train` arguments ("cli"), or TrainConfig overrides and
-# optionally a step to stop after as a kill would, before the same command resumes from the checkpoint on disk. First, the held-out loop's lockstep:
+# optionally a step to stop after as a kill would, before the same command resumes from the checkpoint on disk
+# (unless "resume" is false). First, the held-out loop's lockstep:
 # rank r has r + 1 batches, so rank 0 must run one idle forward while rank 1 scores its second batch.
 WORKER = """
 import json, sys
@@ -44,6 +45,8 @@ for run in json.loads(Path(sys.argv[1]).read_text()):
     if run.get("stop_after"):
         first = train(config, stop_after_steps=run["stop_after"])
         assert first.step == run["stop_after"] < config.max_steps
+        if not run.get("resume", True):
+            continue
     train(config)
     assert dist.is_initialized()
 dist.destroy_process_group()
@@ -80,14 +83,17 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sha
             "ddp_full": overrides(sharp_cache, student2, tmp_path / "ddp_full", "ddp", *full),
             "fsdp_full": overrides(sharp_cache, student2, tmp_path / "fsdp_full", "fsdp", *full)}
     plan = tmp_path / "runs.json"
+    switched = tmp_path / "switched"  # killed under DDP after step 3 (a checkpoint), resumed under FSDP
     plan.write_text(json.dumps([{"cli": ["train", *sets]}] + [
-        {"overrides": o, "stop_after": 4 if name == "resumed" else None} for name, o in runs.items()]))
+        {"overrides": o, "stop_after": 4 if name == "resumed" else None} for name, o in runs.items()] + [
+        {"overrides": overrides(sharp_cache, student2, switched, "ddp"), "stop_after": 3, "resume": False},
+        {"overrides": overrides(sharp_cache, student2, switched, "fsdp", "allow_config_change=true")}]))
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     done = torchrun(str(worker), str(plan), str(tmp_path))
     assert done.stdout.count("trained to step 6") == 1, done.stdout  # rank 0 alone reports the plain command's run
     assert done.stderr.count("FSDP: the student's 2 Qwen2DecoderLayer blocks and the rest (embeddings, head) "
-                             "sharded over 2 ranks") == 4  # the plain command, the killed run, its resume, full
+                             "sharded over 2 ranks") == 5  # the plain command, the killed run, its resume, full, switched
 
     lock = [json.loads((tmp_path / f"lockstep-rank{r}.json").read_text()) for r in (0, 1)]
     assert lock == [{"seen": ["batch0"], "idle": ["batch0"]}, {"seen": ["batch0", "batch1"], "idle": []}]
@@ -118,6 +124,9 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sha
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
     assert losses(resumed, "heldout_kd") == pytest.approx(losses(straight, "heldout_kd"), rel=1e-6)
     assert saved_weights(resumed) == saved_weights(straight)
+    # The checkpoint format is one: a DDP checkpoint resumes under FSDP (allow_config_change: the strategy changed).
+    assert [r["step"] for r in records(switched) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert losses(switched) == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
 
     # final/ is a normal adapter folder: `kdcache export` merges it in one process.
     from transformers import AutoModelForCausalLM
