@@ -11,7 +11,11 @@ How the student is split (:func:`shard_objective`):
   once per chunk of target positions, in forward and again when each chunk is recomputed in backward; with the head in
   the root unit, every one of those calls sees the full weight and no chunk issues a collective. Ranks hold different
   numbers of target positions and so run different numbers of chunks: a head sharded as a unit of its own would
-  all-gather per call, and ranks with fewer chunks would leave the others waiting forever.
+  all-gather per call, and ranks with fewer chunks would leave the others waiting forever. The price: the embeddings
+  and the head (about an eighth of a 7-8B model) are whole on every GPU during a step (docs/training.md).
+
+Held-out evaluation keeps the root unit whole (:func:`unsharded_root`) and runs the ranks in :func:`lockstep`: each
+block's forward is a collective, and ranks hold different numbers of held-out batches.
 
 Gradient accumulation reduce-scatters after every micro-batch (FSDP2 without ``set_requires_gradient_sync``): the
 gradients stay sharded between micro-batches, which is the memory FSDP is chosen for (skipping the reduce-scatter would
