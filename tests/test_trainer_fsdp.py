@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_trainer_ddp import records, saved_weights, torchrun
+from test_trainer_hidden import hidden_cache  # noqa: F401 (a fixture: a cache with teacher hidden states)
 
 from kdcache.config import TrainConfig, load_config
 from kdcache.errors import BadInputError
@@ -74,14 +75,18 @@ def losses(out: Path, key: str = "loss") -> list[float]:
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sharp_cache, student2):
+def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sharp_cache, student2,
+                                                                   hidden_cache):  # noqa: F811 (the fixture)
     full = ("lora.enabled=false", "lr=1e-3", "max_steps=3", "eval_every=2")  # full fine-tuning: every weight sharded
+    hidden = ("loss.hidden_weight=0.5", "max_steps=3", "eval_every=2")  # a projector in the root unit
     straight = tmp_path / "fsdp"
     sets = [arg for o in overrides(sharp_cache, student2, straight, "fsdp") for arg in ("--set", o)]
     runs = {"ddp": overrides(sharp_cache, student2, tmp_path / "ddp", "ddp"),
             "resumed": overrides(sharp_cache, student2, tmp_path / "resumed", "fsdp"),
             "ddp_full": overrides(sharp_cache, student2, tmp_path / "ddp_full", "ddp", *full),
-            "fsdp_full": overrides(sharp_cache, student2, tmp_path / "fsdp_full", "fsdp", *full)}
+            "fsdp_full": overrides(sharp_cache, student2, tmp_path / "fsdp_full", "fsdp", *full),
+            "ddp_hidden": overrides(hidden_cache, student2, tmp_path / "ddp_hidden", "ddp", *hidden),
+            "fsdp_hidden": overrides(hidden_cache, student2, tmp_path / "fsdp_hidden", "fsdp", *hidden)}
     plan = tmp_path / "runs.json"
     switched = tmp_path / "switched"  # killed under DDP after step 3 (a checkpoint), resumed under FSDP
     plan.write_text(json.dumps([{"cli": ["train", *sets]}] + [
@@ -93,7 +98,7 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sha
     done = torchrun(str(worker), str(plan), str(tmp_path))
     assert done.stdout.count("trained to step 6") == 1, done.stdout  # rank 0 alone reports the plain command's run
     assert done.stderr.count("FSDP: the student's 2 Qwen2DecoderLayer blocks and the rest (embeddings, head) "
-                             "sharded over 2 ranks") == 5  # the plain command, the killed run, its resume, full, switched
+                             "sharded over 2 ranks") == 6  # the plain command, the killed run, its resume, full, hidden, switched
 
     lock = [json.loads((tmp_path / f"lockstep-rank{r}.json").read_text()) for r in (0, 1)]
     assert lock == [{"seen": ["batch0"], "idle": ["batch0"]}, {"seen": ["batch0", "batch1"], "idle": []}]
@@ -106,6 +111,9 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sha
     for key in ("loss", "heldout_kd"):
         assert losses(tmp_path / "fsdp_full", key) == pytest.approx(losses(tmp_path / "ddp_full", key), rel=1e-5)
     assert len(losses(tmp_path / "fsdp_full")) == 3
+    for key in ("loss", "hidden", "heldout_kd", "heldout_hidden_mse"):
+        assert losses(tmp_path / "fsdp_hidden", key) == pytest.approx(losses(tmp_path / "ddp_hidden", key), rel=1e-5)
+    assert len(losses(tmp_path / "fsdp_hidden", "hidden")) == 3
 
     # A checkpoint holds whole tensors (not one rank's shards) and each rank's loader position, as DDP's does.
     fsdp_saved, ddp_saved = read_checkpoint(straight), read_checkpoint(tmp_path / "ddp")
@@ -145,6 +153,19 @@ def test_fsdp_matches_ddp_resumes_exactly_and_saves_normal_folders(tmp_path, sha
     for name, value in full_saved.trainable.items():
         assert torch.equal(state[name], value), name
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp_full" / "best").config.num_hidden_layers == 2
+
+    # The hidden-state projector (in the root unit) is saved whole, beside the adapter, as the checkpoint has it.
+    from safetensors.torch import load_file
+
+    from kdcache.train.checkpoint import PROJECTOR_PREFIX
+    from kdcache.train.hidden import PROJECTOR_FILE
+
+    hidden_saved = read_checkpoint(tmp_path / "fsdp_hidden").trainable
+    projector = load_file(tmp_path / "fsdp_hidden" / "final" / PROJECTOR_FILE)
+    assert projector and {k: v.shape for k, v in projector.items()} == {
+        k.removeprefix(PROJECTOR_PREFIX): v.shape for k, v in hidden_saved.items() if k.startswith(PROJECTOR_PREFIX)}
+    for name, value in projector.items():
+        assert torch.equal(value, hidden_saved[PROJECTOR_PREFIX + name]), name
 
 
 def test_fsdp_refuses_what_it_cannot_shard():
