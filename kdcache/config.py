@@ -198,6 +198,19 @@ class LoraConfig:
     quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, an nf4 base via bitsandbytes (t4 profile)
 
 
+@dataclass
+class DistributedConfig:
+    """How `kdcache train` spreads the student over torchrun's processes (docs/training.md); one process ignores it."""
+
+    # ddp: the whole student, its gradients and AdamW states on every GPU (fastest when they fit); fsdp: all three
+    # sharded over the GPUs (torch FSDP2), for students larger than one GPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigValueError("strategy", "one of ddp, fsdp", self.strategy)
+
+
 #: The distillation losses (docs/losses.md): `LossConfig.kind`, `kdcache train --loss` and `losses.kd_loss` all
 #: take their names from this one list.
 #: Temperatures (besides 1) whose tail log-partition a build stores by default: the published recipes use 0.7
@@ -371,6 +384,7 @@ class TrainConfig:
     # loss.hidden_weight > 0: the student layer matched to each cached teacher layer (output_hidden_states indices);
     # [] maps them uniformly (teacher layer t <-> student layer round(t * L_s / L_t)).
     hidden_student_layers: list[int] = field(default_factory=list)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: ddp or fsdp
 
     def __post_init__(self) -> None:
         if len(set(self.report_to)) != len(self.report_to):
@@ -379,6 +393,13 @@ class TrainConfig:
             others = [name for name in self.report_to if name != "tensorboard"]
             self.report_to = ["tensorboard", *others] if self.tensorboard else others
         self.caches = [CacheSource(**c) if isinstance(c, dict) else c for c in self.caches]
+        if self.distributed.strategy == "fsdp":
+            if self.lora.quantize != "none":
+                raise ConfigValueError("distributed.strategy", "ddp with lora.quantize=4bit (QLoRA's 4-bit base is "
+                                       "not sharded by FSDP; QLoRA fits 7-8B students on one GPU)", "fsdp")
+            if self.optimizer != "adamw":
+                raise ConfigValueError("distributed.strategy", "ddp with optimizer=adamw_8bit (FSDP shards torch's "
+                                       "AdamW; its states are already split over the GPUs)", "fsdp")
         if self.cache and self.caches:
             raise ConfigValueError("caches", f"empty when cache is set (give one of them; cache={self.cache!r})",
                                    [c.path for c in self.caches])

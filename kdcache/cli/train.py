@@ -53,7 +53,8 @@ def train_command(config_path, overrides, cache_weights, **options) -> None:
     Re-running the same command resumes from the last checkpoint (model, optimizer, scaler, scheduler, RNG and
     loader position); a resume with other settings is refused, listing them, unless --allow-config-change. The
     held-out split of the cache is evaluated every eval_every steps. Several GPUs (DDP):
-    torchrun --nproc_per_node N -m kdcache.cli train ... (the same options).
+    torchrun --nproc_per_node N -m kdcache.cli train ... (the same options); a student larger than one GPU:
+    add --set distributed.strategy=fsdp (sharded weights, gradients and optimizer states; docs/training.md).
     """
     from kdcache.config import load_config
     from kdcache.train.trainer import train

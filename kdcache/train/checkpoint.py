@@ -36,6 +36,7 @@ import torch
 
 from kdcache.errors import BadInputError
 from kdcache.train.distributed import Distributed
+from kdcache.train.fsdp import full_tensors, load_full_parameter, sharded_optimizer_state
 from kdcache.train.student import trainable_state
 
 __all__ = ["Checkpoint", "TrainState", "has_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint"]
@@ -181,19 +182,23 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader, stat
                     dist: Distributed | None = None, projector: torch.nn.Module | None = None) -> None:
     """Write a new generation and point to it (see the module docstring).
 
-    Model, optimizer, scheduler and scaler are the same on every rank; the loader position and RNG state are each
-    rank's own, so they are gathered and kept as one entry per rank. Rank 0 writes; the barrier after it keeps every
+    Model, optimizer, scheduler and scaler are the same on every rank (under FSDP, their shards are gathered into
+    whole tensors: the same files as without it); the loader position and RNG state are each rank's own, so they are
+    gathered and kept as one entry per rank. Rank 0 writes; the barrier after it keeps every
     rank from going on (or exiting) before the checkpoint is complete.
     """
     dist = dist or Distributed()
     per_rank = dist.all_gather({"loader": loader.state_dict(), "rng": rng_state()})
+    if dist.is_main or dist.sharded:  # FSDP: every rank joins the all-gathers of whole tensors, rank 0 keeps them
+        keep = dist.is_main
+        optimizer_state = full_tensors(optimizer.state_dict(), keep)
+        trainable = trainable_state(model, keep)
+        if projector is not None:
+            trainable.update(full_tensors({PROJECTOR_PREFIX + n: p for n, p in projector.named_parameters()}, keep))
     if dist.is_main:
-        contents = {"world_size": dist.world_size, "optimizer": optimizer.state_dict(),
+        contents = {"world_size": dist.world_size, "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank]}
-        trainable = trainable_state(model)
-        if projector is not None:
-            trainable.update({PROJECTOR_PREFIX + n: p.detach().cpu().clone() for n, p in projector.named_parameters()})
         write_generation(Path(out), trainable, contents, state)
     dist.barrier()
 
@@ -397,8 +402,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, scaler, loader,
             raise BadInputError(f"the checkpoint in {found.folder} holds {name}, which this run does not train (it "
                                 "was trained with another loss.hidden_weight or student): resume with the same "
                                 "settings, or train into a new --out")
-        params[name].data.copy_(value)
-    optimizer.load_state_dict(saved["optimizer"])
+        load_full_parameter(params[name], value)  # under FSDP: this rank's shard of it
+    optimizer.load_state_dict(sharded_optimizer_state(optimizer, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
     loader.load_state_dict(loaders[dist.rank])

@@ -27,10 +27,16 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    strategy: str = "ddp"  # the run's distributed.strategy: ddp, or fsdp (kdcache.train.fsdp)
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP over several ranks: parameters are shards, and every block's forward is a collective."""
+        return self.enabled and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -105,13 +111,13 @@ def init_distributed(device: torch.device) -> Distributed:
 
 def wrap_for_training(objective: nn.Module, dist: Distributed, device: torch.device) -> nn.Module:
     """DDP around the objective (:class:`kdcache.train.objective.DistillationObjective`) when there are several ranks
-    (the objective itself otherwise).
+    (the objective itself otherwise, or when FSDP has already sharded it: :func:`kdcache.train.fsdp.shard_objective`).
 
     Only trainable parameters are synchronised: frozen base weights (LoRA, QLoRA) are loaded from the same files on
     every rank, so broadcasting them at start-up would only cost time. Buffers (rotary tables, computed the same way
     on every rank; a causal LM has no running statistics) are ignored too, so DDP never re-broadcasts them per step.
     """
-    if not dist.enabled:
+    if not dist.enabled or dist.sharded:
         return objective
     from torch.nn.parallel import DistributedDataParallel
 
@@ -123,7 +129,8 @@ def wrap_for_training(objective: nn.Module, dist: Distributed, device: torch.dev
 
 
 def sync_context(module: nn.Module, sync: bool):
-    """DDP's ``no_sync()`` for micro-batches whose gradients are only accumulated (a no-op without DDP)."""
+    """DDP's ``no_sync()`` for micro-batches whose gradients are only accumulated (a no-op without DDP, and under FSDP,
+    which reduce-scatters every micro-batch so that gradients stay sharded)."""
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()

@@ -10,6 +10,7 @@ from kdcache.errors import BadInputError
 from kdcache.modeling import output_logits, row_chunks
 from kdcache.train.checkpoint import TrainState
 from kdcache.train.distributed import Distributed
+from kdcache.train.fsdp import lockstep
 from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.loader import CacheDataset
 from kdcache.train.losses import LossConfig, kd_loss
@@ -32,7 +33,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
     states (``heldout_hidden_mse``, per number).
 
     Under DDP each rank scores its own share of the held-out shards and the sums are added over ranks, so every
-    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision).
+    rank gets the same figures over the whole held-out split (and takes the same early-stopping decision). Under FSDP
+    the ranks go round in lockstep (a rank whose share has run out runs idle forwards until every share has).
     An empty split is an error, or with ``allow_empty`` (one of several caches) ``{"heldout_targets": 0}``."""
     model.eval()
     vocab = dataset.vocab_size
@@ -42,7 +44,7 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
     common = LossConfig(kind="forward_kl", temperature=1.0, alpha=0.0)  # one yardstick across ablations
     sums = torch.zeros(2, 4, dtype=torch.float64)  # [all targets, answer tokens] x [kd, forward KL, agree, count]
     hidden_sums = torch.zeros(2, dtype=torch.float64)  # squared error, rows
-    for batch in dataset:
+    for batch in lockstep(dataset, dist or Distributed(), precision.device, _idle(model, precision)):
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
@@ -97,7 +99,7 @@ def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, 
     model.eval()
     kd_only = losses.with_ce_weight(0.0)
     kd_sum = count = 0.0
-    for batch in dataset:
+    for batch in lockstep(dataset, dist or Distributed(), precision.device, _idle(model, precision)):
         batch = batch.to(precision.device)
         with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
                             enabled=precision.autocast_dtype is not None):
@@ -116,6 +118,23 @@ def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, 
         raise BadInputError("the held-out split has no aligned target positions: raise heldout_fraction or use a "
                             "larger cache")
     return {"heldout_kd": kd_sum / count, "heldout_targets": int(count)}
+
+
+def _idle(model, precision):
+    """What an FSDP rank whose held-out share has run out does while others score theirs (kdcache.train.fsdp's
+    ``lockstep``): the student's decoder on its last batch (or on two tokens, if it had none), the result dropped."""
+    def forward(batch) -> None:
+        if batch is None:
+            ids = torch.zeros((1, 2), dtype=torch.long, device=precision.device)
+            student_hidden_states(model, ids, torch.ones_like(ids), torch.tensor([[False, True]],
+                                  device=precision.device), torch.tensor([1], device=precision.device))
+            return
+        batch = batch.to(precision.device)
+        with torch.autocast(precision.device.type, dtype=precision.autocast_dtype,
+                            enabled=precision.autocast_dtype is not None):
+            student_hidden_states(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                  batch.prompt_lengths)
+    return forward
 
 
 def combine_figures(parts: list[dict]) -> dict:

@@ -53,10 +53,13 @@ class HiddenProjector(nn.Module):
     def forward(self, rows: Tensor) -> Tensor:
         return torch.stack([layer(rows[:, c]) for c, layer in enumerate(self.layers)], dim=1)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, state: dict | None = None) -> None:
+        """hidden_projector.safetensors in ``folder``: ``state`` (whole tensors, e.g. gathered under FSDP) or this
+        projector's own."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(folder / PROJECTOR_FILE))
+        state = self.state_dict() if state is None else state
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / PROJECTOR_FILE))
 
 
 @dataclass

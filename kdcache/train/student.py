@@ -176,6 +176,9 @@ def make_optimizer(kind: str, params: list, lr: float, weight_decay: float, devi
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Only the parameters being trained (the adapter, or everything): what a checkpoint must keep."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Only the parameters being trained (the adapter, or everything): what a checkpoint must keep. Whole tensors on
+    the CPU: under FSDP every rank joins the all-gathers and only ``keep`` ranks (rank 0) hold the result."""
+    from kdcache.train.fsdp import full_tensors
+
+    return full_tensors({n: p for n, p in model.named_parameters() if p.requires_grad}, keep)

@@ -3,8 +3,9 @@
 `_train` builds the run and loops over two named steps: `_optimizer_step` (micro-batches, loss scaling, clipping, the
 step's record) and `_evaluate_and_maybe_save` (held-out figures, best tracking, patience); checkpoints are
 :mod:`kdcache.train.checkpoint`'s. The same command runs as one process or under ``torchrun --nproc_per_node N`` (DDP,
-see :mod:`kdcache.train.distributed`): each rank reads its own shards, gradients are all-reduced, held-out sums are
-reduced over ranks, and rank 0 alone writes checkpoints, metrics, the trackers' logs (report_to,
+see :mod:`kdcache.train.distributed`; or FSDP with ``distributed.strategy: fsdp``, :mod:`kdcache.train.fsdp`): each
+rank reads its own shards, gradients are all-reduced (FSDP: reduce-scattered), held-out sums are reduced over ranks,
+and rank 0 alone writes checkpoints, metrics, the trackers' logs (report_to,
 :mod:`kdcache.train.trackers`) and the progress bar.
 """
 
@@ -33,6 +34,7 @@ from kdcache.outputs import check_output_folder, storage_errors
 from kdcache.train.checkpoint import TrainState, has_checkpoint, load_checkpoint, save_checkpoint
 from kdcache.train.distributed import Distributed, init_distributed, sync_context, wrap_for_training
 from kdcache.train.epochs import planned_steps
+from kdcache.train.fsdp import full_tensor, full_tensors, shard_objective, unsharded_root
 from kdcache.train.heldout import evaluate, evaluate_heldout, run_summary  # noqa: F401 (evaluate: tests import it)
 from kdcache.train.hidden import HiddenProjector, HiddenTerm, student_layers_for
 from kdcache.train.loader import CacheDataset
@@ -125,7 +127,7 @@ def train(config: TrainConfig, stop_after_steps: int | None = None,
     if config.optimizer == "adamw_8bit":
         require_bitsandbytes("adamw_8bit", precision.device)  # before any model is loaded
     check_trackers(config.report_to)
-    dist = init_distributed(precision.device)
+    dist = dataclasses.replace(init_distributed(precision.device), strategy=config.distributed.strategy)
     try:
         precision = dataclasses.replace(precision, device=dist.device(precision.device))
         with storage_errors(f"training into {config.out}", "then run the same command again: it resumes from the "
@@ -152,8 +154,14 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded
     check_loss_for_caches(config.loss, named_manifests(train_data))  # before the model is loaded
     heldout = open_heldout(config, tokenizer, common)
-    model = load_student(config.student, precision, config.lora, train_data.vocab_size, config.gradient_checkpointing)
+    # FSDP: loaded on the CPU, then moved to the GPU one shard at a time (kdcache.train.fsdp)
+    load_on = dataclasses.replace(precision, device=torch.device("cpu")) if dist.sharded else precision
+    model = load_student(config.student, load_on, config.lora, train_data.vocab_size, config.gradient_checkpointing)
     hidden_term = _hidden_term(config, model, train_data.manifest.hidden, precision.device)
+    objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
+                                      config.loss.confidence_weight, hidden_term)
+    if dist.sharded:  # before the optimizer is made: sharding replaces the parameters with their shards
+        shard_objective(objective, precision.device, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     if hidden_term is not None:  # trained with the adapters, after them (the optimizer's state is by position)
         params += list(hidden_term.projector.parameters())
@@ -166,9 +174,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     if state is None:
         state = TrainState()
         _seed_rank(config.seed, dist)
-    objective = DistillationObjective(model, config.loss, config.chunk_size, train_data.vocab_size,
-                                      config.loss.confidence_weight, hidden_term)
-    step_module = wrap_for_training(objective, dist, precision.device)  # DDP when there are several ranks
+    step_module = wrap_for_training(objective, dist, precision.device)  # DDP when several ranks (FSDP: sharded)
     run = _Run(config, precision, dist, out, tokenizer, model, step_module, params, optimizer, scheduler, scaler,
                train_data, heldout, saved_step, hidden_term)
     if dist.is_main:
@@ -200,8 +206,8 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
             on_eval(state.evals[-1])
     bar.close()
     run_log.close()
-    if (state.step >= config.max_steps or stopped_early) and dist.is_main:
-        save_student(model, tokenizer, out / "final", run.projector)
+    if state.step >= config.max_steps or stopped_early:
+        save_student(model, tokenizer, out / "final", run.projector, dist)
     summary = run_summary(config, state, first_step, time.perf_counter() - started, tokens,
                           train_data.summary() if isinstance(train_data, CacheMixture) else None)
     if dist.is_main:
@@ -244,6 +250,7 @@ def _optimizer_step(run: _Run, batches: EndlessBatches | CacheMixture, step: int
         tokens += batch.num_tokens
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, config.clip_grad)  # grads are already the ranks' mean
+    grad_norm = full_tensor(grad_norm)  # FSDP: the norm over every rank's shards
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -266,15 +273,16 @@ def _show_progress(bar, record: dict) -> None:
 def _evaluate_and_maybe_save(run: _Run, state: TrainState, run_log: RunLog) -> bool:
     """Held-out figures at ``state.step``, logged and kept in ``state``; a new best is saved to best/. True when
     ``patience`` evaluations have passed without a new best (stop early)."""
-    metrics = {"step": state.step, **evaluate_heldout(run.model, run.heldout, run.config.loss, run.precision,
-                                                      run.config.chunk_size, run.dist,
-                                                      getattr(run.tokenizer, "eos_token_id", None), run.hidden_term)}
+    with unsharded_root(run.step_module, run.dist.sharded):  # FSDP: evaluation calls the head outside forward
+        metrics = {"step": state.step, **evaluate_heldout(run.model, run.heldout, run.config.loss, run.precision,
+                                                          run.config.chunk_size, run.dist,
+                                                          getattr(run.tokenizer, "eos_token_id", None),
+                                                          run.hidden_term)}
     run_log.write(metrics)
     state.evals.append(metrics)
     if state.best is None or metrics["heldout_kd"] < state.best:
         state.best, state.evals_since_best = metrics["heldout_kd"], 0
-        if run.dist.is_main:
-            save_student(run.model, run.tokenizer, run.out / "best", run.projector)
+        save_student(run.model, run.tokenizer, run.out / "best", run.projector, run.dist)
     else:
         state.evals_since_best += 1
     return run.config.patience is not None and state.evals_since_best >= run.config.patience
@@ -293,14 +301,23 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     return record
 
 
-def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | None = None) -> None:
+def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | None = None,
+                 dist: Distributed | None = None) -> None:
     """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers; a hidden-state
-    projector goes beside it (hidden_projector.safetensors, which export leaves out)."""
+    projector goes beside it (hidden_projector.safetensors, which export leaves out). Rank 0 writes; under FSDP every
+    rank calls this, to join the all-gathers of the whole weights (the folder is the same as without FSDP)."""
+    dist = dist or Distributed()
+    state = projector_state = None
+    if dist.sharded:
+        state = full_tensors(model.state_dict(), keep=dist.is_main)
+        projector_state = None if projector is None else full_tensors(projector.state_dict(), keep=dist.is_main)
+    if not dist.is_main:
+        return
     staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state)
     tokenizer.save_pretrained(staging)
     if projector is not None:
-        projector.save(staging)
+        projector.save(staging, projector_state)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
