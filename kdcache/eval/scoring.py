@@ -6,8 +6,9 @@ log-likelihoods given the prompt. The prediction is the best label; the confiden
 scores (the model's probability of each label, renormalised over the label set).
 
 Prompt and label are tokenised separately and concatenated, exactly as `kdcache.data.encode` builds training
-sequences, so a student is scored on the token boundary it was trained on. Only the label positions go through
-the LM head, so no full-vocabulary logits are held for the prompt.
+sequences, so a student is scored on the token boundary it was trained on. A decoder-only model reads the prompt
+once and scores every label against its KV cache. Only the label positions go through the LM head, so no
+full-vocabulary logits are held for the prompt.
 """
 
 from __future__ import annotations
@@ -203,18 +204,27 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
                  vocab_size: int | None = None) -> np.ndarray:
     """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
 
-    All (prompt, label) pairs go through the model as one right-padded batch. Hidden states are taken at the
-    positions that predict label tokens only, and projected through the LM head `chunk_size` rows at a time;
-    log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
+    A decoder-only model runs the prompts once and the labels against their shared KV cache
+    (:func:`_score_from_prompt_cache`: one-token labels cost one forward over the prompts); an encoder-decoder, or
+    a model without a separate decoder, runs every (prompt, label) pair as its own sequence (:func:`_score_per_label`).
+    Hidden states are taken at the positions that predict label tokens only, and projected through the LM head
+    `chunk_size` rows at a time; log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
     rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
     """
     if not prompts:
         return np.zeros((0, len(labels)))
     device = device or next(model.parameters()).device
-    if labels and all(len(label) == 1 for label in labels) and not is_encoder_decoder(model) \
-            and decoder_of(model) is not None:
-        return _score_single_token_labels(model, prompts, [label[0] for label in labels], pad_id, device, chunk_size,
-                                          vocab_size)
+    if labels and not is_encoder_decoder(model) and decoder_of(model) is not None:
+        return _score_from_prompt_cache(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
+    return _score_per_label(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
+
+
+@torch.inference_mode()
+def _score_per_label(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+                     device: torch.device, chunk_size: int, vocab_size: int | None) -> np.ndarray:
+    """:func:`score_labels` with one (prompt + label) sequence per pair, all in one right-padded batch: the path of
+    encoder-decoders (the prompt to the encoder, the label on the decoder side) and of models without a separate
+    decoder, and the reference the shared-prompt path is pinned to (tests/test_eval_runs.py)."""
     sequences, starts = [], []
     for prompt in prompts:
         for label in labels:
@@ -253,20 +263,77 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
 
 
-def _score_single_token_labels(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], pad_id: int,
-                               device: torch.device, chunk_size: int, vocab_size: int | None) -> np.ndarray:
-    """:func:`score_labels` when every label is one token: one forward over the prompts alone (not one sequence
-    per prompt and label), the next-token log-softmax at each prompt's last position, gathered at the label ids.
-    [len(prompts), len(label_ids)] float64, equal to the general path's (tests/test_eval_scoring.py)."""
+def label_prefix_inputs(labels: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[list[tuple[int, int]]]]:
+    """What the label tokens after the first need fed after the prompt, with shared prefixes fed once.
+
+    Token k >= 1 of a label is predicted by the hidden state after the label's first k tokens. Returns the
+    `inputs`: the distinct ``label[:-1]`` that are no strict prefix of another (so " GS1", " GS2", ... tokenised
+    " GS" + digit need the single input (" GS",)); and per label, per token k >= 1, the (input index, position in
+    it) whose hidden state predicts that token.
+    """
+    wanted = {tuple(label[:-1]) for label in labels if len(label) > 1}
+    inputs = sorted(w for w in wanted if not any(len(o) > len(w) and o[: len(w)] == w for o in wanted))
+    sources = []
+    for label in labels:
+        head = tuple(label[:-1])
+        r = next((i for i, inp in enumerate(inputs) if inp[: len(head)] == head), None) if head else None
+        sources.append([(r, k - 1) for k in range(1, len(label))])
+    return inputs, sources
+
+
+def _score_from_prompt_cache(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                             pad_id: int, device: torch.device, chunk_size: int,
+                             vocab_size: int | None) -> np.ndarray:
+    """:func:`score_labels` for a decoder-only model, from one forward over the prompts and a shared prompt KV cache.
+
+    The prompts [B] go through the decoder once, right-padded, keeping their KV cache; each label's first token is
+    scored at the prompt's last position. The label prefixes the later tokens need (:func:`label_prefix_inputs`, R
+    inputs of at most W tokens) then run as one batch [B * R, W] against the cache repeated R times, at positions
+    ``len(prompt) + j`` (the prompt's pad slots are masked out). The LM head runs on the B + B * sum(len(inputs))
+    distinct positions only, `chunk_size` at a time. [len(prompts), len(labels)] float64, equal to
+    :func:`_score_per_label` (tests/test_eval_runs.py).
+    """
+    decoder = decoder_of(model)
+    batch = len(prompts)
+    inputs, sources = label_prefix_inputs(labels)
     ids, mask = _padded(prompts, pad_id, device)
-    last = mask.sum(1) - 1
-    selected = final_hidden_states(model, ids, mask)[torch.arange(len(prompts), device=device), last]
-    wanted = torch.tensor(list(label_ids), device=device)
-    out = torch.empty((len(prompts), len(label_ids)), dtype=torch.float32, device=device)
-    for part in row_chunks(len(prompts), chunk_size):
-        logits = output_logits(model, selected[part]).float()[:, :vocab_size]
-        out[part] = logits.log_softmax(-1)[:, wanted]
-    return out.double().cpu().numpy()
+    lengths = mask.sum(1)
+    out = decoder(input_ids=ids, attention_mask=mask, use_cache=bool(inputs))  # one-token labels need no cache
+    nodes = [out.last_hidden_state[torch.arange(batch, device=device), lengths - 1]]  # [B, H]: the first tokens
+    offsets = np.cumsum([0] + [len(inp) for inp in inputs]).tolist()  # input r's positions in a prompt's block
+    if inputs:
+        cache, copies = out.past_key_values, len(inputs)
+        cache.batch_repeat_interleave(copies)  # row b * R + r: prompt b's cache for input r
+        label_ids, label_mask = _padded(inputs, pad_id, device)  # [R, W]
+        width = label_ids.shape[1]
+        hidden = decoder(
+            input_ids=label_ids.repeat(batch, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(copies, 0), label_mask.repeat(batch, 1)], dim=1),
+            position_ids=lengths.repeat_interleave(copies)[:, None] + torch.arange(width, device=device),
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # [B * R, W, H]
+        nodes.append(hidden[label_mask.bool().repeat(batch, 1)])  # [B * offsets[-1], H], row-major
+    nodes = torch.cat(nodes)
+    # (node, target, label column) for every token of every label, prompt by prompt
+    per_prompt, base = offsets[-1], batch
+    node, target, column = [], [], []
+    for b in range(batch):
+        for l, label in enumerate(labels):
+            node.append(b)
+            for (r, j) in sources[l]:
+                node.append(base + b * per_prompt + offsets[r] + j)
+            target.extend(label)
+            column.extend([b * len(labels) + l] * len(label))
+    node_t = torch.tensor(node, device=device)
+    target_t = torch.tensor(target, device=device)
+    token_logprobs = torch.empty(len(node), dtype=torch.float32, device=device)
+    for part in row_chunks(nodes.shape[0], chunk_size):
+        logprobs = output_logits(model, nodes[part]).float()[:, :vocab_size].log_softmax(-1)
+        hit = (node_t >= part.start) & (node_t < part.stop)
+        token_logprobs[hit] = logprobs[node_t[hit] - part.start, target_t[hit]]
+    totals = torch.zeros(batch * len(labels), dtype=torch.float64, device=device)
+    totals.index_add_(0, torch.tensor(column, device=device), token_logprobs.double())
+    return totals.cpu().numpy().reshape(batch, len(labels))
 
 
 def label_probabilities(logliks: np.ndarray) -> np.ndarray:
