@@ -14,6 +14,7 @@ from conftest import upsc_rows
 from kdcache.cli.eval import compare_command, eval_command
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
+from kdcache.eval.prompt_cache import can_score_from_prompt_cache
 from kdcache.eval.runner import EvalConfig, run_eval, strip_timing
 from kdcache.eval.scoring import (
     _score_per_label,
@@ -110,11 +111,24 @@ def test_label_prefixes_are_fed_once():
     assert sources == [[(1, 0)], [(1, 0)], [(1, 0), (1, 1)], [], [(0, 0), (0, 1), (0, 2)]]
 
 
-@pytest.mark.parametrize("chunk_size", [1024, 3])
-def test_multi_token_labels_are_scored_from_a_shared_prompt_cache(sharp_dir, chunk_size):
+def test_models_a_tree_mask_cannot_serve_take_the_per_label_path():
+    model = build_qwen2(64, hidden_size=32, layers=2, heads=2, seed=0)
+    assert can_score_from_prompt_cache(model)
+    model.config.layer_types = ["full_attention", "sliding_attention"]  # a custom mask would drop the window
+    assert not can_score_from_prompt_cache(model)
+    model.config.layer_types = ["full_attention"] * 2
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    assert not can_score_from_prompt_cache(model)
+
+
+@pytest.mark.parametrize("chunk_size, attention", [(1024, "sdpa"), (3, "sdpa"), (1024, "eager")])
+def test_multi_token_labels_are_scored_from_a_shared_prompt_cache(sharp_dir, chunk_size, attention):
     """Labels of 1-4 tokens (some sharing a prefix) after prompts of different lengths: the shared-prompt-cache path
-    equals one plain (prompt + label) forward per pair, and a direct computation."""
+    (label prefixes side by side under a tree mask) equals one plain (prompt + label) forward per pair, and a direct
+    computation."""
     loaded = load_model(sharp_dir, device="cpu")
+    loaded.model.set_attn_implementation(attention)
+    assert can_score_from_prompt_cache(loaded.model)
     tok = loaded.tokenizer
     prompts = [prompt_ids(template_for(PROMPT), tok, row)[0] for row in rows(5)]
     assert len({len(p) for p in prompts}) == 5  # right padding leaves pad slots between prompt and label

@@ -28,6 +28,12 @@ from kdcache.data.encode import prompt_text_for_model, uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.data.templates import render
 from kdcache.errors import BadInputError
+from kdcache.eval.prompt_cache import (
+    _padded,
+    can_score_from_prompt_cache,
+    label_prefix_inputs,
+    score_from_prompt_cache,
+)
 from kdcache.modeling import (
     decoder_of,
     final_hidden_states,
@@ -184,20 +190,6 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 # ----------------------------------------------------------------------------------------------- label scoring
 
 
-def _padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None,
-            left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, attention mask) [len(sequences), longest] long tensors, right-padded (left-padded with
-    `left`, as generation wants), on `device`."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[i, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, span] = 1
-    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
-
-
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
                  device: torch.device | None = None, chunk_size: int = 1024,
@@ -205,8 +197,10 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
 
     A decoder-only model runs the prompts once and the labels against their shared KV cache
-    (:func:`_score_from_prompt_cache`: one-token labels cost one forward over the prompts); an encoder-decoder, or
-    a model without a separate decoder, runs every (prompt, label) pair as its own sequence (:func:`_score_per_label`).
+    (:func:`kdcache.eval.prompt_cache.score_from_prompt_cache`: one-token labels cost one forward over the prompts);
+    an encoder-decoder, or a model without a separate decoder, with sliding-window layers or with an attention
+    implementation that takes no custom mask (flash attention), runs every (prompt, label) pair as its own sequence
+    (:func:`_score_per_label`).
     Hidden states are taken at the positions that predict label tokens only, and projected through the LM head
     `chunk_size` rows at a time; log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
     rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
@@ -214,8 +208,8 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     if not prompts:
         return np.zeros((0, len(labels)))
     device = device or next(model.parameters()).device
-    if labels and not is_encoder_decoder(model) and decoder_of(model) is not None:
-        return _score_from_prompt_cache(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
+    if labels and can_score_from_prompt_cache(model):
+        return score_from_prompt_cache(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
     return _score_per_label(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
 
 
@@ -261,79 +255,6 @@ def _score_per_label(model, prompts: Sequence[Sequence[int]], labels: Sequence[S
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
     totals.index_add_(0, rows_t, token_logprobs.double())
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
-
-
-def label_prefix_inputs(labels: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[list[tuple[int, int]]]]:
-    """What the label tokens after the first need fed after the prompt, with shared prefixes fed once.
-
-    Token k >= 1 of a label is predicted by the hidden state after the label's first k tokens. Returns the
-    `inputs`: the distinct ``label[:-1]`` that are no strict prefix of another (so " GS1", " GS2", ... tokenised
-    " GS" + digit need the single input (" GS",)); and per label, per token k >= 1, the (input index, position in
-    it) whose hidden state predicts that token.
-    """
-    wanted = {tuple(label[:-1]) for label in labels if len(label) > 1}
-    inputs = sorted(w for w in wanted if not any(len(o) > len(w) and o[: len(w)] == w for o in wanted))
-    sources = []
-    for label in labels:
-        head = tuple(label[:-1])
-        r = next((i for i, inp in enumerate(inputs) if inp[: len(head)] == head), None) if head else None
-        sources.append([(r, k - 1) for k in range(1, len(label))])
-    return inputs, sources
-
-
-def _score_from_prompt_cache(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
-                             pad_id: int, device: torch.device, chunk_size: int,
-                             vocab_size: int | None) -> np.ndarray:
-    """:func:`score_labels` for a decoder-only model, from one forward over the prompts and a shared prompt KV cache.
-
-    The prompts [B] go through the decoder once, right-padded, keeping their KV cache; each label's first token is
-    scored at the prompt's last position. The label prefixes the later tokens need (:func:`label_prefix_inputs`, R
-    inputs of at most W tokens) then run as one batch [B * R, W] against the cache repeated R times, at positions
-    ``len(prompt) + j`` (the prompt's pad slots are masked out). The LM head runs on the B + B * sum(len(inputs))
-    distinct positions only, `chunk_size` at a time. [len(prompts), len(labels)] float64, equal to
-    :func:`_score_per_label` (tests/test_eval_runs.py).
-    """
-    decoder = decoder_of(model)
-    batch = len(prompts)
-    inputs, sources = label_prefix_inputs(labels)
-    ids, mask = _padded(prompts, pad_id, device)
-    lengths = mask.sum(1)
-    out = decoder(input_ids=ids, attention_mask=mask, use_cache=bool(inputs))  # one-token labels need no cache
-    nodes = [out.last_hidden_state[torch.arange(batch, device=device), lengths - 1]]  # [B, H]: the first tokens
-    offsets = np.cumsum([0] + [len(inp) for inp in inputs]).tolist()  # input r's positions in a prompt's block
-    if inputs:
-        cache, copies = out.past_key_values, len(inputs)
-        cache.batch_repeat_interleave(copies)  # row b * R + r: prompt b's cache for input r
-        label_ids, label_mask = _padded(inputs, pad_id, device)  # [R, W]
-        width = label_ids.shape[1]
-        hidden = decoder(
-            input_ids=label_ids.repeat(batch, 1),
-            attention_mask=torch.cat([mask.repeat_interleave(copies, 0), label_mask.repeat(batch, 1)], dim=1),
-            position_ids=lengths.repeat_interleave(copies)[:, None] + torch.arange(width, device=device),
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state  # [B * R, W, H]
-        nodes.append(hidden[label_mask.bool().repeat(batch, 1)])  # [B * offsets[-1], H], row-major
-    nodes = torch.cat(nodes)
-    # (node, target, label column) for every token of every label, prompt by prompt
-    per_prompt, base = offsets[-1], batch
-    node, target, column = [], [], []
-    for b in range(batch):
-        for l, label in enumerate(labels):
-            node.append(b)
-            for (r, j) in sources[l]:
-                node.append(base + b * per_prompt + offsets[r] + j)
-            target.extend(label)
-            column.extend([b * len(labels) + l] * len(label))
-    node_t = torch.tensor(node, device=device)
-    target_t = torch.tensor(target, device=device)
-    token_logprobs = torch.empty(len(node), dtype=torch.float32, device=device)
-    for part in row_chunks(nodes.shape[0], chunk_size):
-        logprobs = output_logits(model, nodes[part]).float()[:, :vocab_size].log_softmax(-1)
-        hit = (node_t >= part.start) & (node_t < part.stop)
-        token_logprobs[hit] = logprobs[node_t[hit] - part.start, target_t[hit]]
-    totals = torch.zeros(batch * len(labels), dtype=torch.float64, device=device)
-    totals.index_add_(0, torch.tensor(column, device=device), token_logprobs.double())
-    return totals.cpu().numpy().reshape(batch, len(labels))
 
 
 def label_probabilities(logliks: np.ndarray) -> np.ndarray:
@@ -396,6 +317,6 @@ def template_for(prompt: str, system: str | None = None, chat: str = "auto") -> 
 
 __all__ = [
     "LoadedModel", "UNPARSED", "folder_size", "generate", "is_adapter_folder", "label_probabilities",
-    "label_token_ids", "load_model", "parse_label", "prompt_ids", "score_labels",
+    "label_prefix_inputs", "label_token_ids", "load_model", "parse_label", "prompt_ids", "score_labels",
     "template_for", "uses_chat_template",
 ]
