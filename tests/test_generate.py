@@ -16,7 +16,7 @@ from kdcache.errors import BadInputError
 from kdcache.store.reader import CacheReader
 from kdcache.store.verify import verify_cache
 from kdcache.teacher.build import build_cache
-from kdcache.teacher.generate import choose_next, cut_at_stop, next_token_probs
+from kdcache.teacher.generate import choose_next, cut_at_stop
 from kdcache.teacher.hf import HFTeacher
 from kdcache.train.loader import heldout_mask
 
@@ -98,11 +98,7 @@ def _reference_answers(model, prompt, settings, seed, stop_ids, vocab_size):
     with torch.no_grad():
         for _ in range(settings.max_new_tokens):
             logits = model(input_ids=rows).logits[:, -1, :vocab_size].float()
-            if settings.temperature == 0:
-                chosen = logits.argmax(-1)
-            else:
-                probs = next_token_probs(logits, settings.temperature, settings.top_p)
-                chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            chosen = choose_next(logits, settings.temperature, settings.top_p, generator)
             rows = torch.cat([rows, chosen[:, None]], dim=1)
             if all(any(t in stop_ids for t in row[len(prompt):]) for row in rows.tolist()):
                 break

@@ -200,10 +200,10 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     (:func:`kdcache.eval.prompt_cache.score_from_prompt_cache`: one-token labels cost one forward over the prompts);
     an encoder-decoder, or a model without a separate decoder, with sliding-window layers or with an attention
     implementation that takes no custom mask (flash attention), runs every (prompt, label) pair as its own sequence
-    (:func:`_score_per_label`).
-    Hidden states are taken at the positions that predict label tokens only, and projected through the LM head
-    `chunk_size` rows at a time; log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
-    rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
+    (:func:`_score_per_label`). Hidden states are taken at the positions that predict label tokens only, and
+    projected through the LM head `chunk_size` rows at a time; log-softmax is done in float32 whatever the model's
+    dtype. ``vocab_size`` (the tokenizer's length): LM-head rows past it (embedding padding, e.g. 151,936 rows for
+    Qwen2.5's 151,665 tokens) are left out of the softmax.
     """
     if not prompts:
         return np.zeros((0, len(labels)))

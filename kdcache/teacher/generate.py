@@ -74,23 +74,17 @@ def cut_at_stop(ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
     return list(ids), False
 
 
-def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling probabilities [R, V] of logits [R, V]: softmax(logits / T) cut to the top-p mass, renormalised by
-    the draw. Row by row: a row's probabilities do not depend on the other rows. Temperature must be > 0."""
+def choose_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: argmax when temperature is 0, else a draw from softmax(logits / T) cut to the top-p mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return probs
-
-
-def choose_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax when temperature is 0, else a draw from softmax(logits / T) cut to the top-p mass."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(next_token_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def generate_answers(config: CacheBuildConfig, tokenizer, backend, prompts: list, stop_ids: list[int]) -> list:

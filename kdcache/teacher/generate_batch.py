@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kdcache.config import GenerateConfig
-from kdcache.teacher.generate import next_token_probs
+from kdcache.teacher.generate import choose_next
 
 
 def _left_padded(prompts: list[list[int]], copies: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +52,8 @@ def generate_batch(model, prompts: list[list[int]], settings: GenerateConfig, se
         if generators is None:
             chosen = logits.argmax(dim=-1)
         else:
-            probs = next_token_probs(logits, settings.temperature, settings.top_p)
-            chosen = torch.cat([torch.multinomial(probs[a * n : (a + 1) * n], 1, generator=generators[p])[:, 0]
-                                for a, p in enumerate(active)])
+            chosen = torch.cat([choose_next(logits[a * n : (a + 1) * n], settings.temperature, settings.top_p,
+                                            generators[p]) for a, p in enumerate(active)])
         ends = torch.isin(chosen, stops).cpu()
         tokens = chosen.cpu().tolist()
         keep = []
