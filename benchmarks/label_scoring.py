@@ -1,12 +1,14 @@
 """Label scoring against one forward pass over the prompts (issue 14, item 7: at most 1.5x for single-token labels).
 
-A Qwen2 model built from a config (no download) scores `--labels` one-token labels after `--prompts` prompts of
-about `--prompt-len` tokens, batch by batch as `kdcache eval` does. Three arms, alternated round by round, medians:
+A Qwen2 model built from a config (no download) scores `--labels` labels after `--prompts` prompts of about
+`--prompt-len` tokens, batch by batch as `kdcache eval` does. Four arms, alternated round by round, medians:
 
 - forward: the model's final hidden states over the prompts and the LM head at each prompt's last position (the
   floor: any label scoring needs this much);
-- scoring: `score_labels` as eval calls it (one forward over the prompts for one-token labels);
-- per-label: the general path, one (prompt + label) sequence per label (forced by an extra two-token label).
+- single: `score_labels` as eval calls it, one-token labels (one forward over the prompts);
+- multi: `score_labels`, labels of 2, 3, 4 tokens in turn with no shared prefix (the worst case for the shared
+  prompt KV cache: every label's prefix is its own input);
+- per-label: the old path for the multi-token labels, one (prompt + label) sequence per pair.
 
     python benchmarks/label_scoring.py --threads 1
 """
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdcache.eval.scoring import score_labels  # noqa: E402
+from kdcache.eval.scoring import _score_per_label, score_labels  # noqa: E402
 from kdcache.modeling import final_hidden_states, output_logits  # noqa: E402
 from kdcache.tiny import build_qwen2  # noqa: E402
 
@@ -39,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--labels", type=int, default=15)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-per-label", action="store_true", help="leave out the per-label arm (the slow one)")
     return p.parse_args(argv)
 
 
@@ -66,11 +69,16 @@ def main(argv=None) -> None:
                                 generator=generator)
         batches.append([torch.randint(3, args.vocab, (int(n),), generator=generator).tolist() for n in lengths])
     labels = [[10 + i] for i in range(args.labels)]
+    multi = [[100 + 10 * i + t for t in range(2 + i % 3)] for i in range(args.labels)]  # 2-4 tokens, no shared prefix
+    cpu = torch.device("cpu")
     arms = {
         "forward": lambda b: forward_floor(model, b, 0),
-        "scoring": lambda b: score_labels(model, b, labels, 0, vocab_size=args.vocab),
-        "per-label": lambda b: score_labels(model, b, labels + [[5, 6]], 0, vocab_size=args.vocab),
+        "single": lambda b: score_labels(model, b, labels, 0, vocab_size=args.vocab),
+        "multi": lambda b: score_labels(model, b, multi, 0, vocab_size=args.vocab),
+        "per-label": lambda b: _score_per_label(model, b, multi, 0, cpu, 1024, args.vocab),
     }
+    if args.skip_per_label:
+        del arms["per-label"]
     for fn in arms.values():  # warm-up
         fn(batches[0])
     times = {name: [] for name in arms}
@@ -82,13 +90,17 @@ def main(argv=None) -> None:
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     rows = args.prompts * args.batches
-    print(f"{rows} prompts of ~{args.prompt_len} tokens, {args.labels} one-token labels, Qwen2 hidden "
+    print(f"{rows} prompts of ~{args.prompt_len} tokens, {args.labels} labels (one-token; 2-4 tokens), Qwen2 hidden "
           f"{args.hidden_size} x {args.layers} layers, vocab {args.vocab}, {args.threads} thread(s), "
           f"medians of {args.repeats}")
     for name, value in med.items():
         print(f"  {name:<10} {value:8.3f} s   ({rows / value:,.0f} prompts/s)")
-    print(f"scoring / forward:   {med['scoring'] / med['forward']:.2f}  (target <= 1.5)")
-    print(f"per-label / forward: {med['per-label'] / med['forward']:.2f}  (before: one sequence per label)")
+    print(f"single / forward:    {med['single'] / med['forward']:.2f}  (one-token labels; target <= 1.5)")
+    print(f"multi / forward:     {med['multi'] / med['forward']:.2f}  (2-4-token labels, shared prompt KV cache)")
+    if "per-label" in med:
+        print(f"per-label / forward: {med['per-label'] / med['forward']:.2f}  (2-4-token labels, one sequence per "
+              "label)")
+        print(f"per-label / multi:   {med['per-label'] / med['multi']:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ from conftest import upsc_rows
 from kdcache.cli.eval import compare_command, eval_command
 from kdcache.data.sources import Row
 from kdcache.errors import BadInputError
+from kdcache.eval.prompt_cache import can_score_from_prompt_cache
 from kdcache.eval.runner import EvalConfig, run_eval, strip_timing
 from kdcache.eval.scoring import (
+    _score_per_label,
     generate,
+    label_prefix_inputs,
     label_token_ids,
     load_model,
     parse_label,
@@ -86,18 +89,56 @@ def test_label_scoring_matches_a_direct_computation(sharp_dir, label_eos):
 
 
 def test_single_token_labels_are_scored_from_one_forward_over_the_prompts(sharp_dir):
-    """The one-forward path for one-token labels equals a direct computation and the general path (which a
-    two-token label forces), on prompts of different lengths."""
+    """One-token labels need no label forward (no prompt inputs), and score as the per-label path and a direct
+    computation do, on prompts of different lengths."""
     loaded = load_model(sharp_dir, device="cpu")
     tok = loaded.tokenizer
     prompts = [prompt_ids(template_for(PROMPT), tok, row)[0] for row in rows(5)]
     labels = [[5], [17], [42], [99]]
+    assert label_prefix_inputs(labels) == ([], [[], [], [], []])
     fast = score_labels(loaded.model, prompts, labels, tok.pad_token_id, vocab_size=len(tok))
-    general = score_labels(loaded.model, prompts, labels + [[5, 6]], tok.pad_token_id, vocab_size=len(tok))[:, :4]
+    general = _score_per_label(loaded.model, prompts, labels, tok.pad_token_id, loaded.device, 1024, len(tok))
     np.testing.assert_allclose(fast, general, atol=1e-4)
     for i, prompt in enumerate(prompts):
         assert fast[i].tolist() == pytest.approx(direct_logliks(loaded.model, prompt, labels), abs=1e-4)
     assert fast.std(axis=1).min() > 0.1  # the labels' scores differ: the comparison is not between constants
+
+
+def test_label_prefixes_are_fed_once():
+    labels = [[7, 1], [7, 2], [7, 2, 9], [8], [5, 6, 4, 3]]
+    inputs, sources = label_prefix_inputs(labels)
+    assert inputs == [(5, 6, 4), (7, 2)]  # (7,) is a prefix of (7, 2): fed once, inside it
+    assert sources == [[(1, 0)], [(1, 0)], [(1, 0), (1, 1)], [], [(0, 0), (0, 1), (0, 2)]]
+
+
+def test_models_a_tree_mask_cannot_serve_take_the_per_label_path():
+    model = build_qwen2(64, hidden_size=32, layers=2, heads=2, seed=0)
+    assert can_score_from_prompt_cache(model)
+    model.config.layer_types = ["full_attention", "sliding_attention"]  # a custom mask would drop the window
+    assert not can_score_from_prompt_cache(model)
+    model.config.layer_types = ["full_attention"] * 2
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
+    assert not can_score_from_prompt_cache(model)
+
+
+@pytest.mark.parametrize("chunk_size, attention", [(1024, "sdpa"), (3, "sdpa"), (1024, "eager")])
+def test_multi_token_labels_are_scored_from_a_shared_prompt_cache(sharp_dir, chunk_size, attention):
+    """Labels of 1-4 tokens (some sharing a prefix) after prompts of different lengths: the shared-prompt-cache path
+    (label prefixes side by side under a tree mask) equals one plain (prompt + label) forward per pair, and a direct
+    computation."""
+    loaded = load_model(sharp_dir, device="cpu")
+    loaded.model.set_attn_implementation(attention)
+    assert can_score_from_prompt_cache(loaded.model)
+    tok = loaded.tokenizer
+    prompts = [prompt_ids(template_for(PROMPT), tok, row)[0] for row in rows(5)]
+    assert len({len(p) for p in prompts}) == 5  # right padding leaves pad slots between prompt and label
+    labels = [[5, 17], [5, 42], [5, 42, 99], [61], [70, 71, 72, 73], [99, 5, 17]]
+    fast = score_labels(loaded.model, prompts, labels, tok.pad_token_id, vocab_size=len(tok), chunk_size=chunk_size)
+    general = _score_per_label(loaded.model, prompts, labels, tok.pad_token_id, loaded.device, 1024, len(tok))
+    np.testing.assert_allclose(fast, general, atol=1e-4)
+    for i, prompt in enumerate(prompts):
+        assert fast[i].tolist() == pytest.approx(direct_logliks(loaded.model, prompt, labels), abs=1e-4)
+    assert fast.std(axis=1).min() > 0.1 and fast.std(axis=0).max() > 0.1  # labels and prompts differ
 
 
 def test_prompt_uses_the_chat_template(tokenizer):

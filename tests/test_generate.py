@@ -89,6 +89,48 @@ def test_a_stop_token_ends_the_answer_and_is_kept(teacher_dir, tokenizer):
     assert cut_at_stop(free, [len(tokenizer) + 5]) == (free, False)
 
 
+def _reference_answers(model, prompt, settings, seed, stop_ids, vocab_size):
+    """One prompt alone, no padding, no KV cache: the full prefix through the model at every step; the prompt's n
+    samples drawn together from its own seeded generator. Answers cut after their first stop token."""
+    n = settings.num_samples
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([prompt] * n)
+    with torch.no_grad():
+        for _ in range(settings.max_new_tokens):
+            logits = model(input_ids=rows).logits[:, -1, :vocab_size].float()
+            chosen = choose_next(logits, settings.temperature, settings.top_p, generator)
+            rows = torch.cat([rows, chosen[:, None]], dim=1)
+            if all(any(t in stop_ids for t in row[len(prompt):]) for row in rows.tolist()):
+                break
+    return [cut_at_stop(row[len(prompt):], stop_ids)[0] for row in rows.tolist()]
+
+
+@pytest.mark.parametrize("settings", [
+    GenerateConfig(enabled=True, max_new_tokens=6),
+    GenerateConfig(enabled=True, max_new_tokens=5, num_samples=3, temperature=1.0, top_p=0.95),
+], ids=["greedy", "sampled"])
+def test_batched_answers_equal_each_prompt_decoded_alone(teacher_dir, tokenizer, settings):
+    """Prompts of different lengths in left-padded batches (3 batches of 2 when sampled): each prompt's answers are
+    those of the prompt decoded alone without a cache, with its own seed, and rows stop at different steps."""
+    teacher = HFTeacher(TeacherConfig(model=teacher_dir, device="cpu", batch_size=6), len(tokenizer))
+    texts = ["Title: budget", "Title: the monsoon session of parliament\nArticle: the finance minister said",
+             "Article: rivers", "Title: a new satellite\nArticle: ISRO", "Title: courts", "Title: trade and tariffs"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    seeds = [11 * i + 3 for i in range(len(prompts))]
+    free = teacher.generate(prompts, settings, seeds, stop_ids=[len(tokenizer) + 5])
+    # stop on a token some answers produce early and others not at all: rows finish at different steps
+    stop = [free[0][0][1]]
+    got = teacher.generate(prompts, settings, seeds, stop)
+    lengths = {len(a) for samples in got for a in samples}
+    assert len(lengths) > 1 and max(lengths) == settings.max_new_tokens
+    for prompt, seed, samples in zip(prompts, seeds, got):
+        assert samples == _reference_answers(teacher.model, prompt, settings, seed, stop, len(tokenizer))
+    if settings.temperature > 0:  # the samples of a prompt differ, and another seed draws others
+        assert any(len({tuple(a) for a in samples}) > 1 for samples in got)
+        assert teacher.generate(prompts, settings, [s + 1 for s in seeds], stop) != got
+
+
 def test_choose_next_greedy_temperature_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert choose_next(logits, 0.0, 1.0, None).tolist() == [0]

@@ -6,8 +6,9 @@ log-likelihoods given the prompt. The prediction is the best label; the confiden
 scores (the model's probability of each label, renormalised over the label set).
 
 Prompt and label are tokenised separately and concatenated, exactly as `kdcache.data.encode` builds training
-sequences, so a student is scored on the token boundary it was trained on. Only the label positions go through
-the LM head, so no full-vocabulary logits are held for the prompt.
+sequences, so a student is scored on the token boundary it was trained on. A decoder-only model reads the prompt
+once and scores every label against its KV cache. Only the label positions go through the LM head, so no
+full-vocabulary logits are held for the prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from kdcache.data.encode import prompt_text_for_model, uses_chat_template
 from kdcache.data.sources import Row
 from kdcache.data.templates import render
 from kdcache.errors import BadInputError
+from kdcache.eval.prompt_cache import (
+    _padded,
+    can_score_from_prompt_cache,
+    label_prefix_inputs,
+    score_from_prompt_cache,
+)
 from kdcache.modeling import (
     decoder_of,
     final_hidden_states,
@@ -183,38 +190,35 @@ def label_token_ids(tokenizer, labels: Sequence[str], prefix: str = " ", add_eos
 # ----------------------------------------------------------------------------------------------- label scoring
 
 
-def _padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None,
-            left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, attention mask) [len(sequences), longest] long tensors, right-padded (left-padded with
-    `left`, as generation wants), on `device`."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[i, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, span] = 1
-    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
-
-
 @torch.inference_mode()
 def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
                  device: torch.device | None = None, chunk_size: int = 1024,
                  vocab_size: int | None = None) -> np.ndarray:
     """Sum of each label's token log-likelihoods after each prompt: a float64 array [len(prompts), len(labels)].
 
-    All (prompt, label) pairs go through the model as one right-padded batch. Hidden states are taken at the
-    positions that predict label tokens only, and projected through the LM head `chunk_size` rows at a time;
-    log-softmax is done in float32 whatever the model's dtype. ``vocab_size`` (the tokenizer's length): LM-head
-    rows past it (embedding padding, e.g. 151,936 rows for Qwen2.5's 151,665 tokens) are left out of the softmax.
+    A decoder-only model runs the prompts once and the labels against their shared KV cache
+    (:func:`kdcache.eval.prompt_cache.score_from_prompt_cache`: one-token labels cost one forward over the prompts);
+    an encoder-decoder, or a model without a separate decoder, with sliding-window layers or with an attention
+    implementation that takes no custom mask (flash attention), runs every (prompt, label) pair as its own sequence
+    (:func:`_score_per_label`). Hidden states are taken at the positions that predict label tokens only, and
+    projected through the LM head `chunk_size` rows at a time; log-softmax is done in float32 whatever the model's
+    dtype. ``vocab_size`` (the tokenizer's length): LM-head rows past it (embedding padding, e.g. 151,936 rows for
+    Qwen2.5's 151,665 tokens) are left out of the softmax.
     """
     if not prompts:
         return np.zeros((0, len(labels)))
     device = device or next(model.parameters()).device
-    if labels and all(len(label) == 1 for label in labels) and not is_encoder_decoder(model) \
-            and decoder_of(model) is not None:
-        return _score_single_token_labels(model, prompts, [label[0] for label in labels], pad_id, device, chunk_size,
-                                          vocab_size)
+    if labels and can_score_from_prompt_cache(model):
+        return score_from_prompt_cache(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
+    return _score_per_label(model, prompts, labels, pad_id, device, chunk_size, vocab_size)
+
+
+@torch.inference_mode()
+def _score_per_label(model, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+                     device: torch.device, chunk_size: int, vocab_size: int | None) -> np.ndarray:
+    """:func:`score_labels` with one (prompt + label) sequence per pair, all in one right-padded batch: the path of
+    encoder-decoders (the prompt to the encoder, the label on the decoder side) and of models without a separate
+    decoder, and the reference the shared-prompt path is pinned to (tests/test_eval_runs.py)."""
     sequences, starts = [], []
     for prompt in prompts:
         for label in labels:
@@ -251,22 +255,6 @@ def score_labels(model, prompts: Sequence[Sequence[int]], labels: Sequence[Seque
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)
     totals.index_add_(0, rows_t, token_logprobs.double())
     return totals.cpu().numpy().reshape(len(prompts), len(labels))
-
-
-def _score_single_token_labels(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], pad_id: int,
-                               device: torch.device, chunk_size: int, vocab_size: int | None) -> np.ndarray:
-    """:func:`score_labels` when every label is one token: one forward over the prompts alone (not one sequence
-    per prompt and label), the next-token log-softmax at each prompt's last position, gathered at the label ids.
-    [len(prompts), len(label_ids)] float64, equal to the general path's (tests/test_eval_scoring.py)."""
-    ids, mask = _padded(prompts, pad_id, device)
-    last = mask.sum(1) - 1
-    selected = final_hidden_states(model, ids, mask)[torch.arange(len(prompts), device=device), last]
-    wanted = torch.tensor(list(label_ids), device=device)
-    out = torch.empty((len(prompts), len(label_ids)), dtype=torch.float32, device=device)
-    for part in row_chunks(len(prompts), chunk_size):
-        logits = output_logits(model, selected[part]).float()[:, :vocab_size]
-        out[part] = logits.log_softmax(-1)[:, wanted]
-    return out.double().cpu().numpy()
 
 
 def label_probabilities(logliks: np.ndarray) -> np.ndarray:
@@ -329,6 +317,6 @@ def template_for(prompt: str, system: str | None = None, chat: str = "auto") -> 
 
 __all__ = [
     "LoadedModel", "UNPARSED", "folder_size", "generate", "is_adapter_folder", "label_probabilities",
-    "label_token_ids", "load_model", "parse_label", "prompt_ids", "score_labels",
+    "label_prefix_inputs", "label_token_ids", "load_model", "parse_label", "prompt_ids", "score_labels",
     "template_for", "uses_chat_template",
 ]

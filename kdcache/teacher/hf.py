@@ -85,29 +85,22 @@ class HFTeacher:
                  stop_ids: list[int]) -> list[list[list[int]]]:
         """The teacher's answers: per prompt, `settings.num_samples` lists of token ids (stop token included).
 
-        One prompt at a time, its samples as one batch with a KV cache and a generator seeded per prompt, so an
-        answer depends on its prompt and seed only (not on which prompts share a batch). Columns past the
-        tokenizer's vocabulary are never chosen. This is the reference for small teachers; vLLM is the fast route.
+        Prompts sorted by length go `teacher.batch_size` sequences (prompts x samples) at a time through one
+        left-padded decode with a KV cache (:func:`kdcache.teacher.generate_batch.generate_batch`): a prompt leaves the
+        batch once all its samples have stopped. Each prompt draws from its own generator seeded with its seed, so an
+        answer depends on its prompt and seed only, not on which prompts share a batch (up to float rounding of the
+        padded batch). Columns past the tokenizer's vocabulary are never chosen.
         """
-        return [self._answer(prompt, settings, seed, stop_ids) for prompt, seed in zip(prompts, seeds)]
-
-    def _answer(self, prompt: list[int], settings: GenerateConfig, seed: int, stop_ids: list[int]) -> list[list[int]]:
-        from kdcache.teacher.generate import choose_next
+        from kdcache.teacher.generate_batch import generate_batch
 
         n = settings.num_samples
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        step_ids = torch.tensor([prompt] * n, dtype=torch.long, device=self.device)
-        stops = torch.tensor(stop_ids, device=self.device)
-        answers = torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        past = None
-        for _ in range(settings.max_new_tokens):
-            out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-            logits = out.logits[:, -1, : self.vocab_size].float()
-            step_ids = choose_next(logits, settings.temperature, settings.top_p, generator)[:, None]
-            answers = torch.cat([answers, step_ids], dim=1)
-            done |= torch.isin(step_ids[:, 0], stops)
-            if bool(done.all()):
-                break
-        return [row.tolist() for row in answers.cpu()]
+        per_batch = max(1, self.config.batch_size // n)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[list[list[int]]] = [[] for _ in prompts]
+        for start in range(0, len(order), per_batch):
+            group = order[start : start + per_batch]
+            out = generate_batch(self.model, [prompts[i] for i in group], settings, [seeds[i] for i in group],
+                                 stop_ids, self.vocab_size, self.device)
+            for i, samples in zip(group, out):
+                answers[i] = samples
+        return answers
