@@ -210,6 +210,18 @@ def test_bleu_and_chrf_equal_sacrebleu(smoothing):
     assert 0 < chrf < 1 and chrf == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, STREAMS).score / 100, rel=1e-12)
 
 
+def test_bleu_smoothing_maps_onto_sacrebleu_smooth_method():
+    """On a pair with zero 3- and 4-gram matches each smoothing gives its own score, equal to sacrebleu's."""
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps, refs = ["the cat sat down", "a dog ran off"], ["the cat ran down", "the dog ran away"]
+    scores = {}
+    for smoothing in M.BLEU_SMOOTHING:
+        scores[smoothing] = M.corpus_bleu(hyps, refs, smoothing=smoothing)["bleu"]
+        expected = sacrebleu.corpus_bleu(hyps, [refs], smooth_method=smoothing).score / 100
+        assert scores[smoothing] == pytest.approx(expected, rel=1e-12, abs=1e-15), smoothing
+    assert scores["none"] == 0.0 and len({round(v, 9) for v in scores.values()}) == 4, scores
+
+
 def test_bleu_single_sentences_equal_sacrebleu():
     sacrebleu = pytest.importorskip("sacrebleu")
     for hyp, refs in zip(HYPOTHESES, REFERENCES):
