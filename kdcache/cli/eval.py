@@ -157,17 +157,18 @@ def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no
                    "to lm_eval as --include_path.")
 @click.option("--task", "task", required=True, help="The harness task name (letters, digits, '_', '-', '.').")
 @_option("data", "--data", help="JSONL / CSV / Parquet file or glob, `datasets` folder or hub dataset id.")
-@_option("labels", "--labels", metavar="LABEL", help="A label string (repeat for each): a multiple-choice task.")
+@_option("labels", "--labels", metavar="LABEL",
+         help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
 @_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
 @_option("prompt", "--prompt", help="Prompt template over the row's fields (as for `kdcache eval`).")
-@_option("mode", "--mode", help="score: a multiple-choice task; generate: a generate_until task with text metrics.")
+@_option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics vs the "
+                                "gold field).")
 @_option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
 @_option("label_prefix", "--label-prefix", help="Text between prompt and label (the harness' target_delimiter).")
-@_option("system", "--system", help="System message (give it to lm_eval as --system_instruction).")
-@_option("chat", "--chat", help="Recorded in the task's metadata; lm_eval applies the chat template with "
-                                "--apply_chat_template.")
+@_option("system", "--system", help="System message (with chat templates).")
+@_option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
 @_option("id_field", "--id-field", help="Field with a unique example id [id when present, else the row number].")
-@_option("limit", "--limit", help="Export the first N examples only.")
+@_option("limit", "--limit", help="Evaluate the first N examples only.")
 @set_option("rouge_stemmer=false")
 @friendly_errors
 def export_harness_command(config_path, from_cache, harness_out, task, overrides, **options) -> None:
@@ -181,7 +182,10 @@ def export_harness_command(config_path, from_cache, harness_out, task, overrides
         --out storage/harness --task accounting_qa
       lm_eval --model hf --model_args pretrained=storage/runs/accounting-distilgpt2/best \\
         --include_path storage/harness --tasks accounting_qa
-    The YAML names TASK.jsonl by its absolute path: re-export after moving the folder (docs/evaluation.md).
+    The YAML names TASK.jsonl by its absolute path: re-export after moving the folder. The options mean what
+    they mean for `kdcache eval`; --mode score gives a multiple_choice task, generate a generate_until one. With
+    the chat template (--chat) or a --system message, run lm_eval with --apply_chat_template (and
+    --system_instruction): the exported prompts are plain text (docs/evaluation.md).
     """
     from kdcache.config import load_config
     from kdcache.eval.from_cache import overrides_from_cache
