@@ -340,3 +340,12 @@ def test_unknown_metric_or_run_is_refused():
         check_criteria(parse_criteria([{"metric": "accuracy", "run": "C", "min": 0.5}]), RUNS)
     with pytest.raises(BadInputError, match="not a number"):
         metric_value(RUNS["A"], "relevance")
+
+
+def test_missing_metric_library_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else real(name, *a))
+    with pytest.raises(BadInputError, match=r"need sacrebleu \(not installed\): pip install 'kdcache\[eval\]'"):
+        M.generation_metrics(["a"], ["a"])

@@ -286,8 +286,7 @@ def check_generation_libraries() -> None:
     missing = [name for name, module in (("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"))
                if importlib.util.find_spec(module) is None]
     if missing:
-        raise BadInputError(f"generation metrics need {' and '.join(missing)}, which is not installed: "
-                            f"{LIBRARY_HINT}")
+        raise BadInputError(f"generation metrics need {' and '.join(missing)} (not installed): {LIBRARY_HINT}")
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
