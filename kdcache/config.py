@@ -441,7 +441,8 @@ class EvalConfig:
     base: str | None = None  # the base model of an adapter, when not the one its config names
     max_length: int = 1024  # prompt + longest label, in tokens; prompts are cut from the left to fit
     n_bins: int = 10
-    bleu_smoothing: str = "exp"  # sacrebleu smoothing for generation metrics (exp, floor, add-k or none)
+    bleu_smoothing: str = "exp"  # sacrebleu smooth_method for BLEU in generation mode (exp, floor, add-k or none)
+    rouge_stemmer: bool = True  # rouge-score's Porter stemmer for ROUGE-L (the S-NI / MiniLLM / DistiLLM setting)
     warmup: bool = True  # run the first batch once, untimed, before measuring
     plots: bool = True
     progress: bool = True

@@ -18,7 +18,7 @@ import click
 from kdcache.cli.augment import augment_command
 from kdcache.cli.cache import cache
 from kdcache.cli.demo import demo_command
-from kdcache.cli.eval import compare_command, eval_command
+from kdcache.cli.eval import compare_command, eval_command, export_harness_command
 from kdcache.cli.train import ablate_command, export_command, train_command
 
 __all__ = ["main"]
@@ -54,5 +54,6 @@ def main(verbose: bool) -> None:
         quiet_library_progress_bars()
 
 
-for _command in (cache, augment_command, train_command, ablate_command, export_command, eval_command, compare_command, demo_command):
+for _command in (cache, augment_command, train_command, ablate_command, export_command, eval_command, compare_command,
+                 export_harness_command, demo_command):
     main.add_command(_command)

@@ -88,7 +88,7 @@ def eval_command(config_path, from_cache, overrides, **options) -> None:
     if "generation" in metrics:
         gen = metrics["generation"]
         parts.append(f"EM {gen['exact_match']:.4f}, F1 {gen['token_f1']:.4f}, ROUGE-L {gen['rouge_l']:.4f}, "
-                     f"BLEU {gen['bleu']:.4f}")
+                     f"BLEU {gen['bleu']:.4f}, chrF {gen['chrf']:.4f}")
     speed = metrics["speed"]
     parts.append(f"{1000 * speed['latency_mean_s']:.2f} ms/example")
     if speed.get("prompt_tokens_per_s"):
@@ -145,3 +145,59 @@ def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no
             click.echo(f"{len(failed)} of {len(result.checks)} success criteria failed", err=True)
             sys.exit(1)
         click.echo(f"all {len(result.checks)} success criteria hold")
+
+
+@click.command("export-harness")
+@config_file_option
+@click.option("--from-cache", "from_cache", metavar="CACHE",
+              help="Take --prompt, --system, --chat, --label-prefix and --label-field from the cache's plan (as "
+                   "`kdcache eval --from-cache`).")
+@click.option("--out", "harness_out", required=True, type=click.Path(file_okay=False),
+              help="Folder for TASK.yaml and TASK.jsonl (and kdcache_harness.py for a generation task); give it "
+                   "to lm_eval as --include_path.")
+@click.option("--task", "task", required=True, help="The harness task name (letters, digits, '_', '-', '.').")
+@_option("data", "--data", help="JSONL / CSV / Parquet file or glob, `datasets` folder or hub dataset id.")
+@_option("labels", "--labels", metavar="LABEL",
+         help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
+@_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
+@_option("prompt", "--prompt", help="Prompt template over the row's fields (as for `kdcache eval`).")
+@_option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics vs the "
+                                "gold field).")
+@_option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
+@_option("label_prefix", "--label-prefix", help="Text between prompt and label (the harness' target_delimiter).")
+@_option("system", "--system", help="System message (with chat templates).")
+@_option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
+@_option("id_field", "--id-field", help="Field with a unique example id [id when present, else the row number].")
+@_option("limit", "--limit", help="Evaluate the first N examples only.")
+@set_option("rouge_stemmer=false")
+@friendly_errors
+def export_harness_command(config_path, from_cache, harness_out, task, overrides, **options) -> None:
+    """Write a `kdcache eval` task as an lm-evaluation-harness task: TASK.yaml + TASK.jsonl in --out.
+
+    \b
+    The prompts are rendered by kdcache into TASK.jsonl, so the harness scores the same prompts `kdcache eval`
+    does: label scoring becomes a multiple_choice task (acc), generation a generate_until task scored with
+    kdcache's metrics (exact_match, token_f1, rouge_l, bleu, chrf; 0..1). Then, on a trained (or exported) model:
+      kdcache export-harness --config jobs/accounting-gpt2-large-to-distilgpt2/eval-bleu.yaml \\
+        --out storage/harness --task accounting_qa
+      lm_eval --model hf --model_args pretrained=storage/runs/accounting-distilgpt2/best \\
+        --include_path storage/harness --tasks accounting_qa
+    The YAML names TASK.jsonl by its absolute path: re-export after moving the folder. The options mean what
+    they mean for `kdcache eval`; --mode score gives a multiple_choice task, generate a generate_until one. With
+    the chat template (--chat) or a --system message, run lm_eval with --apply_chat_template (and
+    --system_instruction): the exported prompts are plain text (docs/evaluation.md).
+    """
+    from kdcache.config import load_config
+    from kdcache.eval.from_cache import overrides_from_cache
+    from kdcache.eval.harness import export_harness_task
+
+    from_cache_overrides = overrides_from_cache(from_cache) if from_cache else []
+    config = load_config(EvalConfig, config_path,
+                         [*from_cache_overrides, *options_to_overrides(options), *overrides])
+    exported = export_harness_task(config, harness_out, task)
+    click.echo(f"wrote {exported.output_type} task {exported.task!r} ({exported.n} examples): {exported.yaml_path}, "
+               f"{exported.data_path}")
+    for note in exported.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"run: lm_eval --model hf --model_args pretrained=MODEL --include_path {harness_out} "
+               f"--tasks {exported.task}")

@@ -1,16 +1,17 @@
-"""Evaluation metrics written out in plain Python/numpy, each defined in docs/evaluation.md.
+"""Evaluation metrics, each defined in docs/evaluation.md.
 
-Classification: accuracy, per-class precision/recall/F1, macro and micro averages, confusion matrix, binary
-relevance metrics (everything but a negative class counts as "relevant"), expected calibration error with a
-reliability table, and average confidence on right and wrong answers.
-Generation: exact match and token F1 (SQuAD normalisation), ROUGE-L (LCS F-measure) and corpus BLEU.
+Classification, written out in plain Python/numpy (pinned to hand-computed values and to scikit-learn in tests):
+accuracy, per-class precision/recall/F1, macro and micro averages, confusion matrix, binary relevance metrics
+(everything but a negative class counts as "relevant"), expected calibration error with a reliability table, and
+average confidence on right and wrong answers.
+Generation: exact match and token F1 (the official SQuAD definition), ROUGE-L (rouge-score), corpus BLEU and chrF
+(sacrebleu), all on a 0..1 scale.
 
 Every function refuses empty input with a BadInputError: a metric over nothing is not zero, it is undefined.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
@@ -211,6 +212,10 @@ def classification_metrics(gold: Sequence[str], predicted: Sequence[str], labels
 
 
 # -------------------------------------------------------------------------------------------------- generation
+#
+# Exact match and token F1 follow the official SQuAD v2.0 evaluation script (a few lines, written out here and
+# pinned to hand-computed examples of its definition). BLEU and chrF come from sacrebleu and ROUGE-L from
+# rouge-score, the libraries whose numbers papers report (kdcache scales them to 0..1; sacrebleu reports 0..100).
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -271,128 +276,93 @@ def token_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str
                           for p, refs in zip(predictions, references)]))
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """ROUGE tokenisation: lower case, anything not a letter or digit separates tokens."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+LIBRARY_HINT = "pip install 'kdcache[eval]' (sacrebleu and rouge-score)"
 
 
-def lcs_length(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence (dynamic programming, O(len(a) * len(b)) time, O(len(b)) memory)."""
-    if not a or not b:
-        return 0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+def check_generation_libraries() -> None:
+    """Raise a BadInputError naming the install command when sacrebleu or rouge-score is missing."""
+    import importlib.util
+
+    missing = [name for name, module in (("sacrebleu", "sacrebleu"), ("rouge-score", "rouge_score"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise BadInputError(f"generation metrics need {' and '.join(missing)} (not installed): {LIBRARY_HINT}")
 
 
-def rouge_l_one(prediction: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F: P = LCS/len(pred), R = LCS/len(ref), F = (1 + b^2) P R / (R + b^2 P)."""
-    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
+            use_stemmer: bool = True) -> float:
+    """Mean over examples of max over references of rouge-score's ROUGE-L F-measure, on a 0..1 scale.
 
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]], beta: float = 1.0) -> float:
-    """Mean over examples of max over references of ROUGE-L F."""
+    rouge-score lower-cases, keeps runs of a-z0-9 as tokens (other characters, accented and non-Latin letters
+    included, separate tokens and are dropped) and, with `use_stemmer`, applies the Porter stemmer. The default
+    (stemmer on, max over references) is the Super-NaturalInstructions script that MiniLLM and DistiLLM report.
+    """
     _check_texts(predictions, references, "ROUGE-L")
-    return float(np.mean([max(rouge_l_one(p, r, beta) for r in _references(refs))
+    check_generation_libraries()
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return float(np.mean([scorer.score_multi(_references(refs), p)["rougeL"].fmeasure
                           for p, refs in zip(predictions, references)]))
-
-
-def bleu_tokens(text: str, lowercase: bool = False) -> list[str]:
-    """BLEU tokenisation: words (letters, digits, underscore) and single punctuation marks."""
-    return re.findall(r"\w+|[^\w\s]", text.lower() if lowercase else text)
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 BLEU_SMOOTHING = ("none", "floor", "add-k", "exp")
 
 
-def corpus_bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], max_n: int = 4,
-                smoothing: str = "exp", smooth_value: float | None = None, lowercase: bool = False) -> dict:
-    """Corpus BLEU (Papineni et al. 2002) on a 0..1 scale, with the counts that produce it.
+def _reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[str | None]]:
+    """Per-example reference lists -> sacrebleu's reference streams, padded with None where an example has fewer."""
+    per_example = [_references(refs) for refs in references]
+    width = max(len(refs) for refs in per_example)
+    return [[refs[i] if i < len(refs) else None for refs in per_example] for i in range(width)]
 
-    Modified n-gram precision p_n = sum of clipped n-gram matches / sum of hypothesis n-grams over the corpus, for
-    n = 1..max_n (a hypothesis n-gram count is clipped at its largest count in any one reference).
-    BLEU = BP * exp(mean_n log p_n), BP = 1 if c > r else exp(1 - r / c), where c is the total hypothesis length
-    and r the sum of the reference lengths closest to each hypothesis (the shorter one on ties).
-    Smoothing of zero precisions (names as in sacrebleu): `none` (BLEU 0), `floor` (a zero match count becomes
-    smooth_value, default 0.1), `add-k` (k = smooth_value, default 1, added to matches and totals for n >= 2),
-    `exp` (the i-th zero precision becomes 1 / (2^i * total); the default).
+
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], smoothing: str = "exp",
+                smooth_value: float | None = None, lowercase: bool = False) -> dict:
+    """sacrebleu's corpus BLEU (tokenizer 13a, 4-grams) on a 0..1 scale, with its precisions, counts and signature.
+
+    `smoothing` is sacrebleu's smooth_method: `exp` (its default), `floor`, `add-k` or `none`; `smooth_value` its
+    smooth_value (None: sacrebleu's default). Precisions are on 0..1 as well.
     """
     _check_texts(predictions, references, "BLEU")
     if smoothing not in BLEU_SMOOTHING:
-        raise BadInputError(f"unknown BLEU smoothing {smoothing!r}; choose one of {list(BLEU_SMOOTHING)}")
-    if max_n < 1:
-        raise BadInputError(f"BLEU max_n must be at least 1, got {max_n}")
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_length = ref_length = 0
-    for prediction, refs in zip(predictions, references):
-        hyp = bleu_tokens(prediction, lowercase)
-        ref_tokens = [bleu_tokens(r, lowercase) for r in _references(refs)]
-        hyp_length += len(hyp)
-        ref_length += min((abs(len(r) - len(hyp)), len(r)) for r in ref_tokens)[1]
-        for n in range(1, max_n + 1):
-            counts = _ngrams(hyp, n)
-            max_ref: Counter = Counter()
-            for r in ref_tokens:
-                max_ref |= _ngrams(r, n)
-            matches[n - 1] += sum(min(count, max_ref[gram]) for gram, count in counts.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    precisions, log_sum, zero_seen = [], 0.0, 0
-    score_is_zero = hyp_length == 0
-    for n in range(max_n):
-        match, total = float(matches[n]), float(totals[n])
-        if smoothing == "add-k" and n >= 1:
-            k = 1.0 if smooth_value is None else smooth_value
-            match, total = match + k, total + k
-        if total == 0:
-            precision = 0.0
-        elif match > 0:
-            precision = match / total
-        elif smoothing == "floor":
-            precision = (0.1 if smooth_value is None else smooth_value) / total
-        elif smoothing == "exp":
-            zero_seen += 1
-            precision = 1.0 / (2**zero_seen * total)
-        else:
-            precision = 0.0
-        precisions.append(precision)
-        if precision <= 0:
-            score_is_zero = True
-        else:
-            log_sum += math.log(precision)
-    if hyp_length == 0:
-        brevity = 0.0
-    else:
-        brevity = 1.0 if hyp_length > ref_length else math.exp(1 - ref_length / hyp_length)
-    bleu = 0.0 if score_is_zero else brevity * math.exp(log_sum / max_n)
-    return {"bleu": bleu, "precisions": precisions, "brevity_penalty": brevity, "hyp_length": hyp_length,
-            "ref_length": ref_length, "max_n": max_n, "smoothing": smoothing}
+        raise BadInputError(f"bleu_smoothing must be one of {list(BLEU_SMOOTHING)}, got {smoothing!r}")
+    check_generation_libraries()
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(smooth_method=smoothing, smooth_value=smooth_value, lowercase=lowercase)
+    score = metric.corpus_score([str(p) for p in predictions], _reference_streams(references))
+    return {"bleu": score.score / 100, "precisions": [p / 100 for p in score.precisions],
+            "brevity_penalty": score.bp, "hyp_length": score.sys_len, "ref_length": score.ref_len,
+            "smoothing": smoothing, "signature": str(metric.get_signature())}
+
+
+def corpus_chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """sacrebleu's corpus chrF (character 6-grams, beta 2, no word n-grams) on a 0..1 scale, with its signature."""
+    _check_texts(predictions, references, "chrF")
+    check_generation_libraries()
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    score = metric.corpus_score([str(p) for p in predictions], _reference_streams(references))
+    return {"chrf": score.score / 100, "signature": str(metric.get_signature())}
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-                       bleu_smoothing: str = "exp") -> dict:
-    """Exact match, token F1, ROUGE-L and corpus BLEU of generated texts against references (str or list)."""
+                       bleu_smoothing: str = "exp", rouge_stemmer: bool = True) -> dict:
+    """Exact match and token F1 (SQuAD), ROUGE-L (rouge-score), corpus BLEU and chrF (sacrebleu), all on 0..1."""
     _check_texts(predictions, references, "generation metrics")
     bleu = corpus_bleu(predictions, references, smoothing=bleu_smoothing)
+    chrf = corpus_chrf(predictions, references)
     return {
         "n": len(predictions),
         "exact_match": exact_match(predictions, references),
         "token_f1": token_f1(predictions, references),
-        "rouge_l": rouge_l(predictions, references),
+        "rouge_l": rouge_l(predictions, references, use_stemmer=rouge_stemmer),
         "bleu": bleu["bleu"],
+        "chrf": chrf["chrf"],
         "bleu_details": bleu,
+        "chrf_signature": chrf["signature"],
+        "rouge_stemmer": rouge_stemmer,
     }
 
 

@@ -28,6 +28,7 @@ HEADLINE = [
     ("Token F1", "generation.token_f1", "pct"),
     ("ROUGE-L", "generation.rouge_l", "pct"),
     ("BLEU", "generation.bleu", "pct"),
+    ("chrF", "generation.chrf", "pct"),
 ]
 SPEED = [
     ("Latency per example, mean", "speed.latency_mean_s", "ms"),

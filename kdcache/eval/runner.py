@@ -67,6 +67,11 @@ def _check_config(config: EvalConfig) -> None:
             raise BadInputError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.limit is not None and config.limit < 1:
         raise BadInputError(f"limit must be at least 1, got {config.limit}")
+    if config.mode == "generate":  # before the model is loaded and every answer generated
+        if config.bleu_smoothing not in M.BLEU_SMOOTHING:
+            raise BadInputError(f"bleu_smoothing must be one of {list(M.BLEU_SMOOTHING)}, got "
+                                f"{config.bleu_smoothing!r}")
+        M.check_generation_libraries()
 
 
 def load_examples(config: EvalConfig) -> list[Example]:
@@ -232,7 +237,7 @@ def _summarize(config: EvalConfig, loaded, prompting: _Prompting, records: list[
     if config.mode == "generate":
         references = [r["references"] for r in records]
         result["generation"] = M.generation_metrics([r["generated"] for r in records], references,
-                                                    config.bleu_smoothing)
+                                                    config.bleu_smoothing, config.rouge_stemmer)
     result["size"] = {"parameters": loaded.parameters, "adapter_parameters": loaded.adapter_parameters,
                       "size_on_disk_bytes": loaded.size_on_disk_bytes,
                       "base_size_on_disk_bytes": loaded.base_size_on_disk_bytes}
