@@ -34,7 +34,7 @@ from kdcache.train.buckets import (
     bucket_divergence,
     teacher_bucket_logprobs,
 )
-from kdcache.train.losses import hard_ce, kd_loss, prepared_targets
+from kdcache.train.losses import hard_ce, kd_loss, prepared_targets, with_unmapped_term
 
 __all__ = ["ce_and_kd", "ce_and_student_buckets"]
 
@@ -129,4 +129,5 @@ def ce_and_kd(config: LossConfig, student_logits: Tensor, labels: Tensor, target
     ce, log_p = ce_and_student_buckets(student_logits, labels, targets, T, ignore_index)
     log_q = teacher_bucket_logprobs(targets, T, vocab_size=student_logits.shape[1], tail_mode=config.tail_mode,
                                     dtype=log_p.dtype, device=student_logits.device)
-    return ce, bucket_divergence(config.kind, log_q, log_p, T, skew=config.skew, beta=config.beta)
+    kd = bucket_divergence(config.kind, log_q, log_p, T, skew=config.skew, beta=config.beta)
+    return ce, with_unmapped_term(config, kd, student_logits, targets)

@@ -264,6 +264,9 @@ def check_loss_for_cache(loss: LossConfig, manifest) -> None:
             f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
             "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
             "teacher.vllm.scoring=exact")
+    if loss.vocab_map != "off" and sparsifier.kind != "topk":
+        raise BadInputError(f"loss.vocab_map={loss.vocab_map} maps a topk cache's entries to the student's vocabulary; "
+                            "this is a sample cache: use a topk cache (sparsifier.kind=topk)")
     if loss.kind == "uld":
         if sparsifier.kind != "topk":
             raise BadInputError("loss.kind=uld compares sorted probability vectors, which a sample cache does not "
