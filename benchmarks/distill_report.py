@@ -189,6 +189,8 @@ def markdown(report: dict) -> str:
         loss = "dense KL" if arm.get("dense") else ("CE" if arm.get("alpha") == 1.0 else arm.get("loss", "?"))
         if arm.get("hidden_weight"):
             loss += f" + {arm['hidden_weight']:g} hidden MSE"
+        if arm.get("vocab_map", "off") != "off":
+            loss += f" via vocab map ({arm['vocab_map']})"
         best = " (best)" if name == report.get("best_distilled") else ""
         lines.append(f"| {name}{best} | {loss} | {arm.get('temperature')} | {arm.get('alpha')} | {arm.get('cache')} "
                      f"| {row['accuracy']['n']} | {_cell(row['accuracy'])} | {_cell(row['macro_f1'])} | "

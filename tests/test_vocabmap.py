@@ -140,3 +140,25 @@ def test_loss_config_validates_the_vocabulary_map():
     with pytest.raises(ValueError, match="unmapped_weight must be a finite number >= 0"):
         LossConfig(vocab_map="hybrid", unmapped_weight=math.inf)
     assert LossConfig(kind="jsd", vocab_map="tail", temperature=2.0).vocab_map == "tail"
+
+
+def test_a_teacher_tokenizer_that_cannot_be_loaded_or_differs_is_refused_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from kdcache.errors import BadInputError
+    from kdcache.tiny import build_unigram_tokenizer
+    from kdcache.train.crosstok import _teacher_map
+
+    student = build_unigram_tokenizer(["a few words to train on", "and a few more words"], 40)
+    student.save_pretrained(tmp_path / "other")
+
+    def manifest(name, kind="topk"):
+        return SimpleNamespace(sparsifier=SimpleNamespace(kind=kind),
+                               tokenizer=SimpleNamespace(name=str(name), fingerprint="sha256:0"))
+
+    with pytest.raises(BadInputError, match="could not be loaded.*loss.kind=uld"):
+        _teacher_map(manifest(tmp_path / "missing"), student)
+    with pytest.raises(BadInputError, match="not the one the cache was built with"):
+        _teacher_map(manifest(tmp_path / "other"), student)
+    with pytest.raises(BadInputError, match="sample cache"):
+        _teacher_map(manifest(tmp_path / "other", "sample"), student)
