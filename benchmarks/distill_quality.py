@@ -18,7 +18,7 @@ fast (teacher: 0.40 instead of 0.60 test accuracy for the same steps). Arms (`--
   gold10                label-scarce: hard labels on 10% of the pool's gold labels
   generated             label-scarce: distilled from teacher-generated (greedy) answers on every pool row
   mixed                 label-scarce: gold label on that 10%, the teacher's answer elsewhere, teacher-forced cache
-  xtok_hard, xtok_uld_a0.5, xtok_gold_skl_a0.1
+  xtok_hard, xtok_uld_a0.5, xtok_gold_skl_a0.{1,5}
                         issue 18: a student with another tokenizer (benchmarks/crosstok_student.py: a unigram
                         vocabulary of 1,536 tokens), hard labels vs ULD vs skew forward KL through the vocabulary
                         map (loss.vocab_map=hybrid); `--only 'xtok*'` runs just these
@@ -137,6 +137,8 @@ def arms() -> list[Arm]:
     out += [Arm("xtok_hard", "spans", "uld", alpha=1.0, group="crosstok", student="unigram"),
             Arm("xtok_uld_a0.5", "spans", "uld", alpha=0.5, group="crosstok", student="unigram"),
             Arm("xtok_gold_skl_a0.1", "spans", "skew_forward_kl", group="crosstok", student="unigram",
+                vocab_map="hybrid"),
+            Arm("xtok_gold_skl_a0.5", "spans", "skew_forward_kl", alpha=0.5, group="crosstok", student="unigram",
                 vocab_map="hybrid")]
     return out
 

@@ -66,7 +66,7 @@ def arm_summary(results: list[dict], teacher: dict) -> dict:
         row = {metric: _stats([r["test"][metric] for r in runs]) for metric in METRICS}
         row["retention"] = _stats([r["test"]["accuracy"] / teacher_accuracy for r in runs])
         row["heldout_accuracy"] = _stats([r["heldout"]["accuracy"] for r in runs])
-        row["heldout_forward_kl"] = _stats([r["curve"]["heldout"][-1]["heldout_forward_kl"] for r in runs
+        row["heldout_forward_kl"] = _stats([r["curve"]["heldout"][-1].get("heldout_forward_kl") for r in runs
                                             if r.get("curve", {}).get("heldout")])
         row["heldout_hidden_mse"] = _stats([r["curve"]["heldout"][-1].get("heldout_hidden_mse") for r in runs
                                             if r.get("curve", {}).get("heldout")])
@@ -221,7 +221,7 @@ def curve_lines(runs: list[dict]) -> list[str]:
              "|---" * (1 + len(marks) + len(evals)) + "|"]
     for arm, curves in by_arm.items():
         loss = [_mean([c["loss"].get(str(m), {}).get("loss") for c in curves]) for m in marks]
-        fkl = [_mean([h["heldout_forward_kl"] for c in curves for h in c["heldout"] if h["step"] == s])
+        fkl = [_mean([h.get("heldout_forward_kl") for c in curves for h in c["heldout"] if h["step"] == s])
                for s in evals]
         lines.append(f"| {arm} | " + " | ".join(loss + fkl) + " |")
     return lines
