@@ -18,6 +18,10 @@ fast (teacher: 0.40 instead of 0.60 test accuracy for the same steps). Arms (`--
   gold10                label-scarce: hard labels on 10% of the pool's gold labels
   generated             label-scarce: distilled from teacher-generated (greedy) answers on every pool row
   mixed                 label-scarce: gold label on that 10%, the teacher's answer elsewhere, teacher-forced cache
+  xtok_hard, xtok_uld_a0.5, xtok_gold_skl_a0.{1,5}
+                        issue 18: a student with another tokenizer (benchmarks/crosstok_student.py: a unigram
+                        vocabulary of 1,536 tokens), hard labels vs ULD vs skew forward KL through the vocabulary
+                        map (loss.vocab_map=hybrid); `--only 'xtok*'` runs just these
   hidden_kd_b{0,0.01,0.1,1}
                         issue 17: fkl_T1_a0.1 from a cache that also holds the teacher's hidden states (layers 1
                         and last, random projection 128 -> 64, fp16), plus beta * hidden MSE (b0: KD alone, the
@@ -60,6 +64,7 @@ from kdcache.train.loader import heldout_mask
 from kdcache.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from crosstok_student import unigram_student  # noqa: E402
 from dense_kd import train_dense  # noqa: E402
 from distill_report import arm_summary, checks, curve_summary, machine, markdown, sparse_bytes  # noqa: E402
 from realdata import LABELS, load_splits  # noqa: E402
@@ -115,6 +120,8 @@ class Arm:
     group: str = "distilled"  # hard | distilled | dense | scarce | hidden
     many_seeds: bool = False  # hard-label rows get best_seeds
     hidden_weight: float = 0.0  # loss.hidden_weight (beta); needs the `hidden` cache
+    student: str = "pool"  # pool: the student init (the teacher's tokenizer); unigram: another tokenizer
+    vocab_map: str = "off"  # loss.vocab_map (a student with another tokenizer)
 
 
 def arms() -> list[Arm]:
@@ -126,6 +133,13 @@ def arms() -> list[Arm]:
     out += [Arm("gold10", "gold10", alpha=1.0, group="scarce", many_seeds=True),
             Arm("generated", "generated", group="scarce"), Arm("mixed", "mixed", group="scarce")]
     out += [Arm(f"hidden_kd_b{b:g}", "hidden", hidden_weight=b, group="hidden") for b in (0.0, 0.01, 0.1, 1.0)]
+    # Another tokenizer: the cache with character spans; the hard-label arm trains the same aligned positions.
+    out += [Arm("xtok_hard", "spans", "uld", alpha=1.0, group="crosstok", student="unigram"),
+            Arm("xtok_uld_a0.5", "spans", "uld", alpha=0.5, group="crosstok", student="unigram"),
+            Arm("xtok_gold_skl_a0.1", "spans", "skew_forward_kl", group="crosstok", student="unigram",
+                vocab_map="hybrid"),
+            Arm("xtok_gold_skl_a0.5", "spans", "skew_forward_kl", alpha=0.5, group="crosstok", student="unigram",
+                vocab_map="hybrid")]
     return out
 
 
@@ -227,6 +241,8 @@ class Bench:
             k = self.byte_match()["sample_k"]
             path = self.build(f"sample{k}", self.files["student"], teacher, ["sparsifier.kind=sample",
                                                                           f"sparsifier.k={k}"])
+        elif key == "spans":  # the same top-64 cache, built with the target tokens' character spans
+            path = self.build("topk64-spans", self.files["student"], teacher)
         elif key == "hidden":
             path = self.build("topk64-hidden", self.files["student"], teacher, HIDDEN_CACHE)
         elif key == "topk_match":
@@ -302,6 +318,8 @@ class Bench:
         loss = [f"loss.kind={arm.loss}", f"loss.temperature={arm.temperature}"] if arm else []
         if arm and arm.hidden_weight:
             loss.append(f"loss.hidden_weight={arm.hidden_weight}")
+        if arm and arm.vocab_map != "off":
+            loss.append(f"loss.vocab_map={arm.vocab_map}")
         return [f"cache={cache}", f"student={student}", f"out={out}", "profile=cpu", "lora.enabled=false",
                 f"loss.alpha={alpha}", *loss, f"batch_size={s.batch}", f"lr={lr or s.lr}", f"max_steps={steps}",
                 f"warmup_steps={min(s.warmup, steps // 2)}", f"eval_every={evals}", f"save_every={max(1, steps // 4)}",
@@ -341,7 +359,10 @@ class Bench:
                                 max_steps=self.size.steps, lr=self.size.lr, heldout_fraction=heldout,
                                 warmup_steps=min(self.size.warmup, self.size.steps // 2))
         else:
-            train(load_config(TrainConfig, None, self.train_overrides(cache, self.student_init, run_dir, seed,
+            student = self.student_init if arm.student == "pool" else unigram_student(
+                self.out, [PROMPT.format(**r) + TARGET.format(**r) for r in self.pool], self.size.student_shape,
+                LABELS, self.log)
+            train(load_config(TrainConfig, None, self.train_overrides(cache, student, run_dir, seed,
                                                                       arm.alpha, heldout, arm=arm)))
             final = run_dir / "final"
         train_s = time.perf_counter() - t0

@@ -66,7 +66,7 @@ def arm_summary(results: list[dict], teacher: dict) -> dict:
         row = {metric: _stats([r["test"][metric] for r in runs]) for metric in METRICS}
         row["retention"] = _stats([r["test"]["accuracy"] / teacher_accuracy for r in runs])
         row["heldout_accuracy"] = _stats([r["heldout"]["accuracy"] for r in runs])
-        row["heldout_forward_kl"] = _stats([r["curve"]["heldout"][-1]["heldout_forward_kl"] for r in runs
+        row["heldout_forward_kl"] = _stats([r["curve"]["heldout"][-1].get("heldout_forward_kl") for r in runs
                                             if r.get("curve", {}).get("heldout")])
         row["heldout_hidden_mse"] = _stats([r["curve"]["heldout"][-1].get("heldout_hidden_mse") for r in runs
                                             if r.get("curve", {}).get("heldout")])
@@ -189,6 +189,8 @@ def markdown(report: dict) -> str:
         loss = "dense KL" if arm.get("dense") else ("CE" if arm.get("alpha") == 1.0 else arm.get("loss", "?"))
         if arm.get("hidden_weight"):
             loss += f" + {arm['hidden_weight']:g} hidden MSE"
+        if arm.get("vocab_map", "off") != "off":
+            loss += f" via vocab map ({arm['vocab_map']})"
         best = " (best)" if name == report.get("best_distilled") else ""
         lines.append(f"| {name}{best} | {loss} | {arm.get('temperature')} | {arm.get('alpha')} | {arm.get('cache')} "
                      f"| {row['accuracy']['n']} | {_cell(row['accuracy'])} | {_cell(row['macro_f1'])} | "
@@ -219,7 +221,7 @@ def curve_lines(runs: list[dict]) -> list[str]:
              "|---" * (1 + len(marks) + len(evals)) + "|"]
     for arm, curves in by_arm.items():
         loss = [_mean([c["loss"].get(str(m), {}).get("loss") for c in curves]) for m in marks]
-        fkl = [_mean([h["heldout_forward_kl"] for c in curves for h in c["heldout"] if h["step"] == s])
+        fkl = [_mean([h.get("heldout_forward_kl") for c in curves for h in c["heldout"] if h["step"] == s])
                for s in evals]
         lines.append(f"| {arm} | " + " | ".join(loss + fkl) + " |")
     return lines

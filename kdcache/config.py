@@ -227,6 +227,9 @@ TAIL_MODES: tuple[str, ...] = typing.get_args(TailMode)
 LossKind = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv", "topk_forward_kl",
                    "sampled_ce", "uld"]  # uld: Universal Logit Distillation, for a student with another tokenizer
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
+VocabMap = Literal["off", "hybrid", "tail"]
+#: How a student with another tokenizer reads the teacher's entries (kdcache/train/vocabmap.py, docs/losses.md).
+VOCAB_MAPS: tuple[str, ...] = typing.get_args(VocabMap)
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,13 @@ class LossConfig:
         states, docs/losses.md); 0 = off.
     hidden_kind: ``mse`` (mean squared error per dimension) or ``cosine`` (1 - cosine similarity) between the
         projected student hidden state and the cached teacher one.
+    vocab_map: for a student with another tokenizer (TRL GOLD's vocabulary mapping): ``off``; ``hybrid`` (each
+        teacher token mapped to the student token with the same text, leading-space markers normalised; ``kind``
+        runs on the mapped entries over the student's vocabulary, and the unmapped entries are compared by ULD,
+        GOLD's hybrid; needs T = 1); ``tail`` (the unmapped entries folded into the tail bucket). ``kind`` must be
+        a bucket kind (forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl, jsd, tv).
+    unmapped_weight: weight of the ULD term over the unmapped entries with ``vocab_map=hybrid`` (GOLD's
+        ``uld_hybrid_unmatched_weight``; the mapped term has weight 1).
     """
 
     kind: LossKind = "forward_kl"
@@ -269,6 +279,8 @@ class LossConfig:
     tail_mode: TailMode = "exact"
     hidden_weight: float = 0.0
     hidden_kind: Literal["mse", "cosine"] = "mse"
+    vocab_map: VocabMap = "off"
+    unmapped_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
@@ -292,6 +304,23 @@ class LossConfig:
             if self.kind == "sampled_ce":
                 raise ConfigValueError("top_k", "None with kind 'sampled_ce' (it applies to topk targets only)",
                                        self.top_k)
+        self._check_vocab_map()
+
+    def _check_vocab_map(self) -> None:
+        if self.vocab_map not in VOCAB_MAPS:
+            raise ConfigValueError("vocab_map", f"one of {', '.join(VOCAB_MAPS)}", self.vocab_map)
+        if isinstance(self.unmapped_weight, bool) or not isinstance(self.unmapped_weight, (int, float)) or not (
+                self.unmapped_weight >= 0 and math.isfinite(self.unmapped_weight)):
+            raise ConfigValueError("unmapped_weight", "a finite number >= 0", self.unmapped_weight)
+        if self.vocab_map == "off":
+            return
+        mapped_kinds = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tv")
+        if self.kind not in mapped_kinds:
+            raise ConfigValueError("kind", f"one of {', '.join(mapped_kinds)} with vocab_map={self.vocab_map} (uld "
+                                   "needs no vocabulary map: set vocab_map=off)", self.kind)
+        if self.vocab_map == "hybrid" and abs(self.temperature - 1.0) > 1e-6:
+            raise ConfigValueError("temperature", "1 with vocab_map=hybrid (its ULD term compares the distributions "
+                                   "at T = 1; vocab_map=tail trains at any T)", self.temperature)
 
     def _resolve_weights(self) -> None:
         """Check ce_weight, kd_weight and alpha against each other and set all three (frozen: object.__setattr__)."""

@@ -208,3 +208,75 @@ def test_t5_eval_scores_labels_and_generates_as_a_plain_forward_does(tmp_path, u
                                  prompt="{text}", mode="generate", max_new_tokens=6, limit=4, device="cpu",
                                  warmup=False, plots=False))
     assert {"bleu", "rouge_l"} <= set(result.metrics["generation"]) and result.metrics["n"] == 4
+
+
+# ------------------------------------------------------------------- vocabulary mapping (TRL GOLD), real tokenisers
+
+
+def decoded_texts(tokenizer, metaspace: bool) -> list[str | None]:
+    """Independent reference for each token's text, by the tokenizer's own decoder: a byte-level token decoded alone
+    (``None`` when it is not whole characters); a SentencePiece token decoded after a plain word, minus that word
+    (its decoder drops a leading space only at the start)."""
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    word = tokenizer.convert_tokens_to_ids("a") if metaspace else None
+    out = []
+    for i in range(len(tokenizer)):
+        if i in specials:
+            out.append(None)
+        elif metaspace:
+            token = tokenizer.convert_ids_to_tokens(i)
+            text = tokenizer.decode([word, i])[1:]
+            out.append(None if token.startswith("<0x") else text)
+        else:
+            text = tokenizer.decode([i])
+            out.append(None if "\ufffd" in text else text)
+    return out
+
+
+def test_vocabulary_map_maps_tokens_whose_texts_coincide_and_the_view_maps_the_cache(cache, tokenizer, unigram):
+    from kdcache.train.vocabmap import UNMAPPED, vocabulary_map
+
+    vocab = vocabulary_map(tokenizer, unigram)
+    assert vocabulary_map(tokenizer, unigram) is vocab  # built once per pair, kept in memory
+    teacher_texts, student_texts = decoded_texts(tokenizer, False), decoded_texts(unigram, True)
+    student_ids = {}
+    for j, text in enumerate(student_texts):
+        if text:
+            student_ids.setdefault(text, j)
+    table = vocab.teacher_to_student
+    for t, text in enumerate(teacher_texts):
+        if t == tokenizer.eos_token_id:
+            assert table[t] == unigram.eos_token_id
+        elif text and text in student_ids:  # " the" (Ġthe) and "▁the" coincide
+            assert table[t] == student_ids[text], (t, text)
+        else:
+            assert table[t] == UNMAPPED, (t, text)
+    assert 20 < vocab.num_mapped < len(tokenizer) - 20  # a real overlap, and real teacher tokens with no counterpart
+    assert any(" " in (teacher_texts[t] or "")[:1] for t in range(len(table)) if table[t] >= 0)
+
+    plain = CacheDataset(cache, batch_size=2, shuffle=False, student_tokenizer=unigram)
+    mapped = CacheDataset(cache, batch_size=2, shuffle=False, student_tokenizer=unigram, map_vocabulary=True)
+    unmapped_seen = 0
+    for a, b in zip(plain, mapped):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        for row in range(a.targets.num_rows):
+            ids, lp = a.targets.ids[row].tolist(), a.targets.logprobs[row]
+            expected = sorted([(table[t], float(lp[c])) for c, t in enumerate(ids) if table[t] >= 0],
+                              key=lambda e: -e[1])
+            got = [(int(i), float(v)) for i, v in zip(b.targets.ids[row], b.targets.logprobs[row]) if i >= 0]
+            assert got == sorted(got, key=lambda e: -e[1]) and [i for i, _ in got] == [i for i, _ in expected]
+            lost = [float(lp[c]) for c, t in enumerate(ids) if table[t] == UNMAPPED]
+            unmapped_seen += len(lost)
+            tail = torch.logsumexp(torch.tensor([float(a.targets.tail_logmass[row]), *lost], dtype=torch.float64), 0)
+            assert float(b.targets.tail_logmass[row]) == pytest.approx(float(tail), abs=1e-5)
+    assert unmapped_seen > 0
+
+
+def test_skew_forward_kl_through_the_vocabulary_map_trains_a_t5_student(tmp_path, cache, unigram):
+    student = t5_student(unigram, tmp_path / "t5")
+    with pytest.raises(IncompatibleCacheError, match="loss.vocab_map=hybrid"):
+        train(config(cache, student, tmp_path / "refused", "max_steps=1", "loss.kind=skew_forward_kl"))
+    # vocab_map=tail differs only in the loss, pinned in tests/test_vocabmap.py
+    result = train(config(cache, student, tmp_path / "run", "loss.kind=skew_forward_kl", "loss.vocab_map=hybrid",
+                          "max_steps=20", "eval_every=10"))
+    assert result.evals[-1]["heldout_kd"] < result.evals[0]["heldout_kd"], result.evals

@@ -1,6 +1,7 @@
 """The tiny TinyLlama -> FLAN-T5 recipe (jobs/distillm-flan-t5/tiny) end to end: a Llama-config teacher with a BPE
 tokenizer and a T5-config student with a unigram tokenizer, both built here; cache build, cross-tokenizer
-distillation (ULD + hard labels), and held-out generation scored with BLEU and ROUGE-L."""
+distillation (DistiLLM's skew forward KL through TRL GOLD's vocabulary map, unmapped entries by ULD, + hard labels),
+and held-out generation scored with BLEU and ROUGE-L."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ def check_tokenizer(cached: TokenizerInfo, tokenizer, where: str) -> None:
             f"({cached.vocab_size} tokens, fingerprint {expected[:19]}...), but this "
             f"tokenizer '{getattr(tokenizer, 'name_or_path', '?')}' has {len(tokenizer)} tokens and fingerprint "
             f"{actual[:19]}...; token ids would mean different tokens. Use a student with the teacher's tokenizer, "
-            "or set loss.kind=uld (Universal Logit Distillation, the cross-tokenizer loss)"
+            "or set loss.kind=uld (Universal Logit Distillation) or loss.vocab_map=hybrid (TRL GOLD's vocabulary "
+            "mapping), the cross-tokenizer losses"
         )
 
 

@@ -27,22 +27,26 @@ from kdcache.data.encode import prompt_ids
 from kdcache.data.spans import NO_SPAN, text_token_spans
 from kdcache.errors import BadInputError
 from kdcache.store.reader import CachedExample
+from kdcache.train.vocabmap import VocabularyMap, map_rows, vocabulary_map
 
 __all__ = ["StudentView", "align_by_offsets", "canonical_starts", "tokenizer_role"]
 
 
 def tokenizer_role(loss, cache: str, tokenizer, verify_checksums: bool = True) -> dict:
     """How a :class:`kdcache.train.loader.CacheDataset` takes the student's tokenizer: ``{"tokenizer": ...}`` (it
-    must be the cache's: another one is refused with a message naming ``loss.kind=uld``), or, with ``loss.kind=uld``
-    and another tokenizer, ``{"student_tokenizer": ...}`` (examples re-tokenised and aligned)."""
-    if loss.kind != "uld":
+    must be the cache's: another one is refused with a message naming ``loss.kind=uld`` and ``loss.vocab_map``), or,
+    with ``loss.kind=uld`` or a ``loss.vocab_map`` and another tokenizer, ``{"student_tokenizer": ...,
+    "map_vocabulary": ...}`` (examples re-tokenised and aligned; the teacher's ids mapped to the student's)."""
+    if loss.kind != "uld" and loss.vocab_map == "off":
         return {"tokenizer": tokenizer}
     from kdcache.store.fingerprint import tokenizer_fingerprint
     from kdcache.store.reader import CacheReader
 
     manifest = CacheReader(cache, verify_checksums=verify_checksums).manifest
     same = tokenizer_fingerprint(tokenizer) == manifest.tokenizer.fingerprint
-    return {"tokenizer": tokenizer} if same else {"student_tokenizer": tokenizer}
+    if same:
+        return {"tokenizer": tokenizer}
+    return {"student_tokenizer": tokenizer, "map_vocabulary": loss.vocab_map != "off"}
 
 
 def canonical_starts(text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -93,9 +97,11 @@ class StudentView:
     rows for those positions. Each example's alignment is computed once and kept (keyed by ``example.key``).
 
     manifest: the cache's (template and max length); tokenizer: the student's (a fast tokenizer, for offsets).
+    map_vocabulary: also give the teacher's entries the student's ids (:func:`kdcache.train.vocabmap.map_rows`; the
+    teacher's tokenizer is loaded from the name the cache records), for ``loss.vocab_map``.
     """
 
-    def __init__(self, manifest, tokenizer, cache_tokenizer=None):
+    def __init__(self, manifest, tokenizer, cache_tokenizer=None, map_vocabulary: bool = False):
         if cache_tokenizer is not None:
             raise TypeError("give tokenizer (the cache's) or student_tokenizer (another one), not both")
         if not getattr(tokenizer, "is_fast", False):
@@ -110,6 +116,8 @@ class StudentView:
         self.memory: dict[tuple[int, int], _Aligned] = {}
         self.vocab_size = len(tokenizer)  # the student's softmax covers its own tokenizer's vocabulary
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.vocabulary = _teacher_map(manifest, tokenizer) if map_vocabulary else None
+        self.tail_temperatures = tuple(getattr(manifest.sparsifier, "tail_temperatures", None) or ())
 
     def __call__(self, example: CachedExample) -> CachedExample:
         aligned = self.memory.get(example.key)
@@ -120,10 +128,14 @@ class StudentView:
         def take(array):
             return None if array is None else array[rows]
 
+        ids, logprobs = example.sparse_ids[rows], example.sparse_logprobs[rows]
+        tail, tempered = take(example.tail_logmass), take(example.tail_tempered)
+        if self.vocabulary is not None:
+            ids, logprobs, tail, tempered = map_rows(self.vocabulary, ids, logprobs, tail, tempered, self.tail_temperatures)
         return replace(example, input_ids=aligned.input_ids, target_mask=aligned.target_mask,
-                       sparse_ids=example.sparse_ids[rows], sparse_logprobs=example.sparse_logprobs[rows],
-                       tail_logmass=take(example.tail_logmass), sample_counts=take(example.sample_counts),
-                       tail_tempered=take(example.tail_tempered), prompt_length=aligned.prompt_length)
+                       sparse_ids=ids, sparse_logprobs=logprobs, tail_logmass=tail,
+                       sample_counts=take(example.sample_counts), tail_tempered=tempered,
+                       prompt_length=aligned.prompt_length)
 
     def _align(self, example: CachedExample) -> _Aligned:
         record = example.record
@@ -147,3 +159,27 @@ class StudentView:
         positions = [len(prompt) + token for _, token in pairs]
         mask[positions] = True
         return _Aligned(input_ids, mask, np.asarray([row for row, _ in pairs], dtype=np.int64), len(prompt))
+
+
+def _teacher_map(manifest, student_tokenizer) -> VocabularyMap:
+    """The vocabulary map from the cache's tokenizer (loaded by the name the cache records, and checked against its
+    fingerprint) to the student's."""
+    from transformers import AutoTokenizer
+
+    from kdcache.store.fingerprint import tokenizer_fingerprint
+
+    if manifest.sparsifier.kind != "topk":
+        raise BadInputError("loss.vocab_map maps a topk cache's entries; this cache is a sample cache: use "
+                            "loss.kind=uld with a topk cache, or rebuild it with sparsifier.kind=topk")
+    name = manifest.tokenizer.name
+    try:
+        teacher = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"loss.vocab_map needs the cache's tokenizer '{name}' to map its token ids, and it could "
+                            f"not be loaded ({str(error).splitlines()[0]}): make it available locally, or use "
+                            "loss.kind=uld (no vocabulary map)") from None
+    if tokenizer_fingerprint(teacher) != manifest.tokenizer.fingerprint:
+        raise BadInputError(f"the tokenizer loaded from '{name}' is not the one the cache was built with (another "
+                            "fingerprint), so its token ids would be read wrongly: restore that tokenizer, or use "
+                            "loss.kind=uld (no vocabulary map)")
+    return vocabulary_map(teacher, student_tokenizer)

@@ -41,7 +41,7 @@ from kdcache.train.buckets import (
     bucket_divergence,
     teacher_bucket_logprobs,
 )
-from kdcache.train.losses import hard_ce, kd_loss, prepared_targets
+from kdcache.train.losses import has_unmapped_term, hard_ce, kd_loss, prepared_targets, with_unmapped_term
 
 __all__ = ["ce_and_kd", "ce_and_kd_from_head", "ce_and_student_buckets"]
 
@@ -196,6 +196,8 @@ def ce_and_kd_from_head(config: LossConfig, hidden: Tensor, weight: Tensor, voca
     Bucket kinds only (:data:`kdcache.train.buckets.BUCKET_KINDS`)."""
     if config.kind not in BUCKET_KINDS:
         raise ValueError(f"ce_and_kd_from_head needs a bucket loss kind {BUCKET_KINDS}, got {config.kind!r}")
+    if has_unmapped_term(config):
+        raise ValueError("ce_and_kd_from_head cannot add vocab_map=hybrid's ULD term (it needs the whole logits)")
     if targets is None:  # the CE alone
         if labels is None:
             raise ValueError("ce_and_kd_from_head needs labels, targets or both")
@@ -230,4 +232,5 @@ def ce_and_kd(config: LossConfig, student_logits: Tensor, labels: Tensor, target
     targets = prepared_targets(config, targets)
     T = float(config.temperature)
     ce, log_p = ce_and_student_buckets(student_logits, labels, targets, T, ignore_index)
-    return ce, _divergence(config, targets, log_p, student_logits.shape[1], T)
+    kd = _divergence(config, targets, log_p, student_logits.shape[1], T)
+    return ce, with_unmapped_term(config, kd, student_logits, targets)

@@ -94,7 +94,8 @@ def evaluate(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_
 @torch.no_grad()
 def _evaluate_cross_tokenizer(model, dataset: CacheDataset, losses: LossConfig, precision, chunk_size: int,
                               dist: Distributed | None, allow_empty: bool = False) -> dict:
-    """Held-out figures for a student with another tokenizer: its distillation loss (ULD) over the aligned positions
+    """Held-out figures for a student with another tokenizer: its distillation loss (ULD, or loss.kind through
+    loss.vocab_map) over the aligned positions
     (the forward KL and top-1 agreement against cached ids need one vocabulary, so they are not reported)."""
     model.eval()
     kd_only = losses.with_ce_weight(0.0)

@@ -55,13 +55,14 @@ class CacheDataset(IterableDataset):
     tokenizer: if given, it must match the cache's. storage_options: for fsspec.
     student_tokenizer: instead of ``tokenizer``, a student's tokenizer other than the cache's: every example is
     re-tokenised with it and its target positions aligned to the teacher's rows by character offsets
-    (:class:`kdcache.train.crosstok.StudentView`; for ``loss.kind=uld``).
+    (:class:`kdcache.train.crosstok.StudentView`; for ``loss.kind=uld``); with ``map_vocabulary`` the teacher's
+    entries also get the student's ids (for ``loss.vocab_map``, :mod:`kdcache.train.vocabmap`).
     verify_checksums: check each shard file's sha256 as it is read (the default); False for a cache verified once.
     """
 
     def __init__(self, cache: str, settings: LoaderSettings | None = None, *, pad_id: int | None = None,
                  tokenizer=None, storage_options: dict | None = None, verify_checksums: bool = True,
-                 student_tokenizer=None, **options):
+                 student_tokenizer=None, map_vocabulary: bool = False, **options):
         super().__init__()
         if settings is None:
             settings = LoaderSettings(**options)
@@ -86,7 +87,8 @@ class CacheDataset(IterableDataset):
         if student_tokenizer is not None:
             from kdcache.train.crosstok import StudentView
 
-            self.view = StudentView(self.manifest, student_tokenizer, cache_tokenizer=tokenizer)
+            self.view = StudentView(self.manifest, student_tokenizer, cache_tokenizer=tokenizer,
+                                    map_vocabulary=map_vocabulary)
             eos = self.view.pad_id
         self.pad_id = int(pad_id if pad_id is not None else (eos if eos is not None else 0))
 

@@ -59,7 +59,7 @@ from kdcache.train.buckets import (
     teacher_confidence_weight,
     top_k_truncate,
 )
-from kdcache.train.uld import universal_logit_distillation
+from kdcache.train.uld import universal_logit_distillation, unmapped_uld
 
 __all__ = [
     "BUCKET_KINDS",
@@ -87,6 +87,7 @@ __all__ = [
     "total_variation",
     "universal_logit_distillation",
     "weighted_sum",
+    "with_unmapped_term",
 ]
 
 
@@ -380,8 +381,24 @@ def kd_loss(
     targets = prepared_targets(config, targets)
     func, fields = _KD_FUNCS[config.kind]
     settings = {name: getattr(config, name) for name in fields}
-    return func(student_logits, targets, temperature=config.temperature, weights=weights, reduction=reduction,
-                **settings)
+    if config.vocab_map != "hybrid" or config.unmapped_weight == 0:
+        return func(student_logits, targets, temperature=config.temperature, weights=weights, reduction=reduction,
+                    **settings)
+    values = func(student_logits, targets, temperature=config.temperature, reduction="none", **settings)
+    return _reduce(with_unmapped_term(config, values, student_logits, targets), weights, reduction)
+
+
+def has_unmapped_term(config: LossConfig) -> bool:
+    """Whether :func:`with_unmapped_term` adds a term, which needs the student's whole logits."""
+    return config.vocab_map == "hybrid" and config.unmapped_weight != 0
+
+
+def with_unmapped_term(config: LossConfig, values: Tensor, student_logits: Tensor, targets: SparseTargets) -> Tensor:
+    """``values`` [N] (the mapped entries' divergence) plus, with ``vocab_map=hybrid``, ``unmapped_weight`` times the
+    ULD of the unmapped entries (:func:`kdcache.train.uld.unmapped_uld`; TRL GOLD's hybrid loss)."""
+    if not has_unmapped_term(config):
+        return values
+    return values + config.unmapped_weight * unmapped_uld(student_logits, targets, reduction="none").to(values.dtype)
 
 
 def combine_terms(

@@ -30,6 +30,7 @@ from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.losses import (
     LossConfig,
     combine_terms,
+    has_unmapped_term,
     hard_ce,
     kd_loss,
     label_weights,
@@ -160,7 +161,8 @@ def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, 
     hidden = rows.hidden
     sums = (hidden.sum() * 0.0).to(dtype).expand(2)  # keeps the graph connected when there are no targets
     recompute = checkpoint_chunks and torch.is_grad_enabled() and hidden.requires_grad
-    fused = rows.targets is None or loss_config.kind in BUCKET_KINDS  # the CE alone, or with a bucket KD
+    # the CE alone, or with a bucket KD that needs nothing but the student's buckets
+    fused = rows.targets is None or (loss_config.kind in BUCKET_KINDS and not has_unmapped_term(loss_config))
     head = linear_head_weight(model) if fused else None
     for part in row_chunks(hidden.shape[0], chunk_size):
         if head is not None:  # the fused Function keeps no logits and remakes them in backward: no checkpoint
@@ -284,6 +286,9 @@ def check_loss_for_cache(loss: LossConfig, manifest) -> None:
             f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
             "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
             "teacher.vllm.scoring=exact")
+    if loss.vocab_map != "off" and sparsifier.kind != "topk":
+        raise BadInputError(f"loss.vocab_map={loss.vocab_map} maps a topk cache's entries to the student's vocabulary; "
+                            "this is a sample cache: use a topk cache (sparsifier.kind=topk)")
     if loss.kind == "uld":
         if sparsifier.kind != "topk":
             raise BadInputError("loss.kind=uld compares sorted probability vectors, which a sample cache does not "

@@ -148,7 +148,7 @@ def _train(config: TrainConfig, precision: Precision, dist: Distributed, stop_af
     common = dict(batch_size=config.batch_size, max_tokens=config.max_tokens, seed=config.seed,
                   heldout_fraction=config.heldout_fraction, rank=dist.rank, world_size=dist.world_size,
                   verify_checksums=config.verify_checksums)
-    train_data = open_train_data(config, tokenizer, common)  # refuses another tokenizer unless loss uld
+    train_data = open_train_data(config, tokenizer, common)  # refuses another tokenizer unless loss uld or vocab_map
     ranks_sum = (lambda value: dist.all_sum([value], precision.device)[0]) if dist.enabled else None
     config = dataclasses.replace(config, max_steps=planned_steps(config, train_data, ranks_sum))  # num_epochs
     changes = check_resume_config(out, config) if has_checkpoint(out) else []  # before the model is loaded

@@ -23,7 +23,7 @@ from torch import Tensor
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import _check_logits, _compute_dtype
 
-__all__ = ["universal_logit_distillation"]
+__all__ = ["universal_logit_distillation", "unmapped_uld"]
 
 
 def universal_logit_distillation(
@@ -57,14 +57,68 @@ def universal_logit_distillation(
         tail = targets.tail_logmass.to(device=device, dtype=dtype).exp()
     else:
         tail = (1.0 - teacher.sum(dim=-1)).clamp_min(0.0)
-    k = teacher.shape[1]
     probs = torch.softmax(student_logits.to(dtype), dim=-1)
+    values = _ranked_l1(probs, teacher, valid.sum(dim=-1, keepdim=True), tail, probs.sum(dim=-1))
+    return _reduce(values, weights, reduction)
+
+
+def _ranked_l1(probs: Tensor, teacher: Tensor, count: Tensor, teacher_rest: Tensor, student_total: Tensor) -> Tensor:
+    """``sum_{r <= m} |p_(r) - q_(r)| + |(student_total - sum_{r <= m} p_(r)) - teacher_rest|`` per row [N].
+
+    probs: [N, V] the student's probabilities (entries to leave out already 0); teacher: [N, k] sorted decreasing
+    (0 past the row's m = ``count`` [N, 1] real entries); teacher_rest, student_total: [N]."""
+    k = teacher.shape[1]
     top = probs.topk(min(k, probs.shape[1]), dim=-1).values
     if top.shape[1] < k:  # a student vocabulary smaller than k: its missing ranks are 0
         top = torch.nn.functional.pad(top, (0, k - top.shape[1]))
-    # A row with m < k real entries (``-1`` padding) compares its first m ranks; the rest join the tail bucket.
-    ranked = torch.arange(k, device=device)[None, :] < valid.sum(dim=-1, keepdim=True)
-    top = torch.where(ranked, top, torch.zeros((), dtype=dtype, device=device))
-    rest = (probs.sum(dim=-1) - top.sum(dim=-1)).clamp_min(0.0)
-    values = (top - teacher).abs().sum(dim=-1) + (rest - tail).abs()
+    # A row with m < k real entries compares its first m ranks; the rest join the remainder bucket.
+    ranked = torch.arange(k, device=probs.device)[None, :] < count
+    top = torch.where(ranked, top, torch.zeros((), dtype=top.dtype, device=top.device))
+    rest = (student_total - top.sum(dim=-1)).clamp_min(0.0)
+    return (top - teacher).abs().sum(dim=-1) + (rest - teacher_rest).abs()
+
+
+def unmapped_uld(
+    student_logits: Tensor,
+    targets: SparseTargets,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """The ULD half of the GOLD hybrid (:mod:`kdcache.train.vocabmap`): the teacher's entries with no student
+    counterpart against the student's probabilities outside the row's mapped ids, as sorted vectors.
+
+    student_logits: [N, V_s]; targets: mapped targets [N, k] (student ids, :data:`~kdcache.train.vocabmap.UNMAPPED`
+    for the unmapped entries, ``-1`` padding) whose ``tail_logmass`` holds the tail *and* the unmapped mass (what
+    :func:`~kdcache.train.vocabmap.map_rows` gives; ``None``: derived). With u the m unmapped probabilities sorted,
+    r_q = tail - sum(u) the teacher's remainder, p' the student's probabilities with the row's mapped ids zeroed and
+    sorted, r_p = sum(p') - sum_{r <= m} p'_(r)::
+
+        sum_{r <= m} |p'_(r) - u_(r)| + |r_p - r_q|
+
+    With the whole teacher vocabulary cached (k = V_t, tail 0) the mapped ids are every mapped token and this is
+    GOLD's unmatched term ``sum |sort(p[unmatched]) - sort(q[unmatched])|`` (zero-padded). Returns [N] or the mean.
+    """
+    from kdcache.train.losses import _reduce
+    from kdcache.train.vocabmap import UNMAPPED
+
+    _check_logits(student_logits, targets)
+    dtype = _compute_dtype(student_logits)
+    device = student_logits.device
+    ids = targets.ids.to(device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    q = targets.logprobs.to(device=device, dtype=dtype).exp()
+    unmapped = ids == UNMAPPED
+    teacher = torch.where(unmapped, q, zero).sort(dim=-1, descending=True).values  # [N, k]
+    if targets.tail_logmass is not None:
+        rest_q = targets.tail_logmass.to(device=device, dtype=dtype).exp()
+    else:
+        rest_q = (1.0 - torch.where(ids >= 0, q, zero).sum(dim=-1)).clamp_min(0.0)
+    rest_q = (rest_q - teacher.sum(dim=-1)).clamp_min(0.0)
+    probs = torch.softmax(student_logits.to(dtype), dim=-1)
+    vocab = probs.shape[1]
+    mapped = torch.zeros(probs.shape[0], vocab + 1, dtype=torch.bool, device=device)
+    mapped.scatter_(1, torch.where(ids >= 0, ids, vocab).long(), True)  # padding and unmapped -> the spare column
+    kept = probs.masked_fill(mapped[:, :vocab], 0.0)
+    values = _ranked_l1(kept, teacher, unmapped.sum(dim=-1, keepdim=True), rest_q, kept.sum(dim=-1))
     return _reduce(values, weights, reduction)
