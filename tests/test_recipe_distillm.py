@@ -36,4 +36,8 @@ def test_tiny_recipe_runs_and_beats_the_untrained_student(tmp_path):
         return run_eval(config).metrics["generation"]
 
     before, after = scores(made["student"], "eval-untrained"), scores(str(tmp_path / "run" / "final"), "eval-final")
-    assert after["rouge_l"] > before["rouge_l"] + 0.1 or after["bleu"] > before["bleu"] + 0.05, (before, after)
+    # The answers are single words, so ROUGE-L is the share answered exactly: 1-3 of the 30 after 150 steps over
+    # training seeds 0-2 (sacrebleu's / rouge-score's figures), none before; chrF, graded by characters, rose by
+    # 0.11-0.21. Each must rise, chrF by a margin.
+    assert after["rouge_l"] > before["rouge_l"] and after["bleu"] > before["bleu"], (before, after)
+    assert after["chrf"] > before["chrf"] + 0.05, (before, after)

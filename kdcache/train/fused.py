@@ -41,7 +41,8 @@ from kdcache.train.buckets import (
     bucket_divergence,
     teacher_bucket_logprobs,
 )
-from kdcache.train.losses import has_unmapped_term, hard_ce, kd_loss, prepared_targets, with_unmapped_term
+from kdcache.train.losses import hard_ce, kd_loss, prepared_targets
+from kdcache.train.uld import has_unmapped_term, with_unmapped_term
 
 __all__ = ["ce_and_kd", "ce_and_kd_from_head", "ce_and_student_buckets"]
 

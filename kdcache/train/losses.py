@@ -59,7 +59,7 @@ from kdcache.train.buckets import (
     teacher_confidence_weight,
     top_k_truncate,
 )
-from kdcache.train.uld import universal_logit_distillation, unmapped_uld
+from kdcache.train.uld import universal_logit_distillation, with_unmapped_term
 
 __all__ = [
     "BUCKET_KINDS",
@@ -386,19 +386,6 @@ def kd_loss(
                     **settings)
     values = func(student_logits, targets, temperature=config.temperature, reduction="none", **settings)
     return _reduce(with_unmapped_term(config, values, student_logits, targets), weights, reduction)
-
-
-def has_unmapped_term(config: LossConfig) -> bool:
-    """Whether :func:`with_unmapped_term` adds a term, which needs the student's whole logits."""
-    return config.vocab_map == "hybrid" and config.unmapped_weight != 0
-
-
-def with_unmapped_term(config: LossConfig, values: Tensor, student_logits: Tensor, targets: SparseTargets) -> Tensor:
-    """``values`` [N] (the mapped entries' divergence) plus, with ``vocab_map=hybrid``, ``unmapped_weight`` times the
-    ULD of the unmapped entries (:func:`kdcache.train.uld.unmapped_uld`; TRL GOLD's hybrid loss)."""
-    if not has_unmapped_term(config):
-        return values
-    return values + config.unmapped_weight * unmapped_uld(student_logits, targets, reduction="none").to(values.dtype)
 
 
 def combine_terms(

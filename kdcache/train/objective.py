@@ -26,11 +26,11 @@ from kdcache.modeling import (is_encoder_decoder, linear_head_weight, output_log
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import BUCKET_KINDS
 from kdcache.train.fused import ce_and_kd, ce_and_kd_from_head
+from kdcache.train.uld import has_unmapped_term
 from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.losses import (
     LossConfig,
     combine_terms,
-    has_unmapped_term,
     hard_ce,
     kd_loss,
     label_weights,

@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdcache.config import LossConfig
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import _check_logits, _compute_dtype
 
-__all__ = ["universal_logit_distillation", "unmapped_uld"]
+__all__ = ["has_unmapped_term", "universal_logit_distillation", "unmapped_uld", "with_unmapped_term"]
 
 
 def universal_logit_distillation(
@@ -122,3 +123,16 @@ def unmapped_uld(
     kept = probs.masked_fill(mapped[:, :vocab], 0.0)
     values = _ranked_l1(kept, teacher, unmapped.sum(dim=-1, keepdim=True), rest_q, kept.sum(dim=-1))
     return _reduce(values, weights, reduction)
+
+
+def has_unmapped_term(config: LossConfig) -> bool:
+    """Whether :func:`with_unmapped_term` adds a term, which needs the student's whole logits."""
+    return config.vocab_map == "hybrid" and config.unmapped_weight != 0
+
+
+def with_unmapped_term(config: LossConfig, values: Tensor, student_logits: Tensor, targets: SparseTargets) -> Tensor:
+    """``values`` [N] (the mapped entries' divergence) plus, with ``vocab_map=hybrid``, ``unmapped_weight`` times the
+    ULD of the unmapped entries (:func:`kdcache.train.uld.unmapped_uld`; TRL GOLD's hybrid loss)."""
+    if not has_unmapped_term(config):
+        return values
+    return values + config.unmapped_weight * unmapped_uld(student_logits, targets, reduction="none").to(values.dtype)
