@@ -168,6 +168,20 @@ def teacher_confidence_weight(targets: SparseTargets) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def top_and_tail(zs: Tensor, lse: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The student's top-k log-probabilities and tail from tempered logits ``zs`` [n, V] (a tensor the caller gives
+    up: the ids' columns are overwritten with -inf) and their logsumexp ``lse`` [n]: ``(lp_top [n, k] (-inf at
+    padding), ids_safe, valid_safe, lse_tail [n])``. Padding columns are redirected to column 0's id
+    (``ids_safe``, ``valid_safe``), so duplicate writes always agree."""
+    gathered = zs.gather(1, ids)
+    lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
+    ids_safe = torch.where(valid, ids, ids[:, :1])
+    valid_safe = valid | valid[:, :1]
+    masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
+                                                  zs.gather(1, ids_safe)))
+    return lp_top, ids_safe, valid_safe, torch.logsumexp(masked, dim=-1)
+
+
 class _StudentBuckets(torch.autograd.Function):
     """Student (k+1)-bucket log-probabilities from logits, with a hand-written backward.
 
@@ -182,15 +196,8 @@ class _StudentBuckets(torch.autograd.Function):
         dtype = _compute_dtype(logits)
         zs = logits.to(dtype) / temperature
         lse = torch.logsumexp(zs, dim=-1)
-        gathered = zs.gather(1, ids)
-        lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
-        # Padding columns are redirected to column 0's id, so duplicate writes always agree.
-        ids_safe = torch.where(valid, ids, ids[:, :1])
-        valid_safe = valid | valid[:, :1]
-        masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
-                                                      zs.gather(1, ids_safe)))
-        lse_tail = torch.logsumexp(masked, dim=-1)
-        del zs, masked
+        lp_top, ids_safe, valid_safe, lse_tail = top_and_tail(zs, lse, ids, valid)
+        del zs
         ctx.save_for_backward(logits, ids_safe, valid, valid_safe, lse, lse_tail)
         ctx.temperature = temperature
         return torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1)

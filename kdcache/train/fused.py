@@ -33,13 +33,13 @@ from torch import Tensor
 from kdcache.config import LossConfig
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import (
-    _NEG_INF,
     BUCKET_KINDS,
     _check_logits,
     _compute_dtype,
     _valid_ids,
     bucket_divergence,
     teacher_bucket_logprobs,
+    top_and_tail,
 )
 from kdcache.train.losses import hard_ce, kd_loss, prepared_targets
 from kdcache.train.uld import has_unmapped_term, with_unmapped_term
@@ -65,15 +65,8 @@ def _forward(logits: Tensor, labels: Tensor, keep: Tensor, ids: Tensor, valid: T
     lse1 = lse if same_t else torch.logsumexp(z1, dim=-1)
     ce = torch.where(keep, lse1 - z1.gather(1, labels[:, None]).squeeze(1), torch.zeros_like(lse1))
     del z1
-    gathered = zs.gather(1, ids)
-    lp_top = torch.where(valid, gathered - lse[:, None], torch.full_like(gathered, _NEG_INF))
-    # Padding columns are redirected to column 0's id, so duplicate writes always agree (as in _StudentBuckets).
-    ids_safe = torch.where(valid, ids, ids[:, :1])
-    valid_safe = valid | valid[:, :1]
-    masked = zs.scatter_(1, ids_safe, torch.where(valid_safe, torch.full_like(gathered, _NEG_INF),
-                                                  zs.gather(1, ids_safe)))
-    lse_tail = torch.logsumexp(masked, dim=-1)
-    del zs, masked
+    lp_top, ids_safe, valid_safe, lse_tail = top_and_tail(zs, lse, ids, valid)
+    del zs
     return ce, torch.cat([lp_top, (lse_tail - lse)[:, None]], dim=1), (ids_safe, valid_safe, lse, lse_tail, lse1)
 
 
