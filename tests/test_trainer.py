@@ -117,6 +117,18 @@ def test_ablation_grid_writes_one_row_per_run(tmp_path, sharp_cache, student_dir
     assert "| run |" in (tmp_path / "abl" / "ablation.md").read_text()
 
 
+def test_a_grid_point_the_cache_cannot_serve_is_refused_before_any_point_trains(tmp_path, sharp_cache, student_dir):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"base: {{student: {student_dir}, profile: cpu, batch_size: 4, max_steps: 2, progress: false}}\n"
+        "grid:\n  loss.temperature: [1.0, 3.5]\n")  # 3.5 is not among the cache's tail temperatures
+    result = CliRunner().invoke(main, ["ablate", "--cache", sharp_cache, "--grid", str(grid), "--out",
+                                       str(tmp_path / "abl")])
+    assert result.exit_code == 2, result.output
+    assert "grid point run-001 (temperature=3.5)" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "abl" / "run-000").exists()  # the point the cache can serve did not train first
+
+
 def test_shipped_train_job_specs_parse():
     from conftest import REPO
 

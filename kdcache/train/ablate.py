@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from kdcache.config import LOSS_WEIGHT_NAMES, TrainConfig, apply_override, from_dict
-from kdcache.errors import BadInputError
+from kdcache.errors import BadInputError, KdcacheError
 from kdcache.train.trainer import train
 
 COLUMNS = ["heldout_forward_kl", "heldout_kd", "heldout_top1_agreement", "final_train_loss", "steps"]
@@ -178,6 +178,27 @@ def run_row(spec: GridSpec, cache: str, name: str, assignment: dict, config: Tra
     return row
 
 
+def check_points(spec: GridSpec, cache: str, root: Path, points: list[tuple[str, dict]],
+                 overrides: tuple[str, ...]) -> list[TrainConfig]:
+    """Each grid point's TrainConfig, validated and its loss checked against the caches it reads (the checks `train`
+    makes before loading a model), so a point the cache cannot serve is refused before any point trains; the
+    message names the point."""
+    from kdcache.store.reader import CacheReader
+    from kdcache.train.mixing import check_loss_for_caches
+
+    configs, manifests = [], {}
+    for name, assignment in points:
+        try:
+            config = run_config(spec.base, cache, root, name, assignment, overrides)
+            named = [(s.path, manifests.get(s.path) or manifests.setdefault(
+                s.path, CacheReader(s.path, verify_checksums=False).manifest)) for s in config.sources()]
+            check_loss_for_caches(config.loss, named)
+        except KdcacheError as exc:  # the same kind of refusal, naming the point
+            raise type(exc)(f"grid point {name} ({_slug(assignment)}): {exc}") from None
+        configs.append(config)
+    return configs
+
+
 def run_grid(cache: str, grid_path: str, out: str, overrides: tuple[str, ...] = ()) -> list[dict]:
     """Every combination of the grid's values, each trained in out/run-NNN; returns the table's rows."""
     spec = read_grid(grid_path)
@@ -186,10 +207,9 @@ def run_grid(cache: str, grid_path: str, out: str, overrides: tuple[str, ...] = 
     keys = list(spec.grid)
     rows = []
     combos = list(itertools.product(*(spec.grid[k] for k in keys)))
-    for number, values in enumerate(combos):
-        assignment = dict(zip(keys, values))
-        name = f"run-{number:03d}"
-        config = run_config(spec.base, cache, root, name, assignment, overrides)
+    points = [(f"run-{number:03d}", dict(zip(keys, values))) for number, values in enumerate(combos)]
+    configs = check_points(spec, cache, root, points, overrides)  # every point, before the first one trains
+    for number, ((name, assignment), config) in enumerate(zip(points, configs)):
         print(f"[{number + 1}/{len(combos)}] {name}: {_slug(assignment)}", flush=True)
         result = train(config)
         rows.append(run_row(spec, cache, name, assignment, config, result))
