@@ -192,6 +192,21 @@ def save_model(model, tokenizer, folder: str | Path) -> str:
     return folder
 
 
+def write_recipe(out: str | Path, teacher, student, tokenizer, splits: dict[str, list[dict]],
+                 student_tokenizer=None) -> dict[str, str]:
+    """A tiny recipe's files in ``out``: ``teacher/`` and ``student/`` (the student with ``student_tokenizer`` when it
+    has its own) and one ``NAME.jsonl`` per split; returns their paths, keyed ``teacher``, ``student`` and each split's
+    name."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"teacher": save_model(teacher, tokenizer, root / "teacher"),
+             "student": save_model(student, student_tokenizer or tokenizer, root / "student")}
+    for name, rows in splits.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name] = str(root / f"{name}.jsonl")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m kdcache.tiny OUT`: a random 2-layer Qwen2 + tokenizer trained on the UPSC sample, for trying the CLI."""
     import argparse

@@ -20,7 +20,7 @@ TARGET = " {answer}"
 
 
 def main(out: str, teacher_steps: int = 150, train_rows: int = 40) -> dict[str, str]:
-    from kdcache.tiny import build_gpt2, build_tokenizer, fit_teacher, save_model
+    from kdcache.tiny import build_gpt2, build_tokenizer, fit_teacher, write_recipe
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     tokenizer = build_tokenizer([PROMPT.format(**r) + TARGET.format(**r) for r in rows], vocab_size=400, chat=False)
@@ -29,13 +29,7 @@ def main(out: str, teacher_steps: int = 150, train_rows: int = 40) -> dict[str, 
     teacher = build_gpt2(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=1, bos_id=eos, eos_id=eos)
     fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in rows], teacher_steps, seed=1)
     student = build_gpt2(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=2, bos_id=eos, eos_id=eos)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.jsonl", rows[:train_rows]), ("test.jsonl", rows[train_rows:])):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    return {"teacher": save_model(teacher, tokenizer, root / "teacher"),
-            "student": save_model(student, tokenizer, root / "student"),
-            "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")}
+    return write_recipe(out, teacher, student, tokenizer, {"train": rows[:train_rows], "test": rows[train_rows:]})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ TARGET = " {gs_paper}"
 
 
 def main(out: str, teacher_steps: int = 150, train_rows: int = 80) -> dict[str, str]:
-    from kdcache.tiny import build_llama, build_t5, build_tokenizer, build_unigram_tokenizer, fit_teacher, save_model
+    from kdcache.tiny import build_llama, build_t5, build_tokenizer, build_unigram_tokenizer, fit_teacher, write_recipe
 
     data = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     texts = [f"{r['title']} {r['text']} {r['gs_paper']}" for r in data]
@@ -31,13 +31,8 @@ def main(out: str, teacher_steps: int = 150, train_rows: int = 80) -> dict[str, 
                 seed=1, batch_size=8)
     student = build_t5(len(unigram), d_model=64, layers=2, heads=2, seed=2, pad_id=unigram.pad_token_id,
                        eos_id=unigram.eos_token_id)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.jsonl", data[:train_rows]), ("heldout.jsonl", data[train_rows:])):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    return {"teacher": save_model(teacher, bpe, root / "teacher"), "student": save_model(student, unigram,
-                                                                                         root / "student"),
-            "train": str(root / "train.jsonl"), "heldout": str(root / "heldout.jsonl")}
+    return write_recipe(out, teacher, student, bpe, {"train": data[:train_rows], "heldout": data[train_rows:]},
+                        student_tokenizer=unigram)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from pathlib import Path
 
 PROMPT = "Context: {context}\nQuestion: {question}\nAnswer:"
 TARGET = " {answer}"
@@ -45,7 +44,7 @@ def synthetic_squad(rows: int, seed: int) -> list[dict]:
 
 
 def main(out: str, teacher_steps: int = 200, train_rows: int = 240, heldout_rows: int = 60) -> dict[str, str]:
-    from kdcache.tiny import build_gemma, build_tokenizer, fit_teacher, save_model
+    from kdcache.tiny import build_gemma, build_tokenizer, fit_teacher, write_recipe
 
     train, heldout = synthetic_squad(train_rows, seed=0), synthetic_squad(heldout_rows, seed=1)
     texts = [PROMPT.format(**r) + TARGET.format(**r) for r in train + heldout]
@@ -56,13 +55,7 @@ def main(out: str, teacher_steps: int = 200, train_rows: int = 240, heldout_rows
     fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in train], teacher_steps, seed=1,
                 lr=5e-3)
     student = build_gemma(len(tokenizer), hidden_size=64, layers=2, heads=2, seed=2, init_std=0.15, **ids)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.jsonl", train), ("heldout.jsonl", heldout)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    return {"teacher": save_model(teacher, tokenizer, root / "teacher"),
-            "student": save_model(student, tokenizer, root / "student"),
-            "train": str(root / "train.jsonl"), "heldout": str(root / "heldout.jsonl")}
+    return write_recipe(out, teacher, student, tokenizer, {"train": train, "heldout": heldout})
 
 
 if __name__ == "__main__":

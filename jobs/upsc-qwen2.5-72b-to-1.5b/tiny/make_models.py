@@ -28,7 +28,7 @@ def _rows(name: str, words: int) -> list[dict]:
 
 def main(out: str, teacher_steps: int = 120, words: int = 12, silver_rows: int = 200, golden_rows: int = 60
          ) -> dict[str, str]:
-    from kdcache.tiny import build_qwen2, build_tokenizer, fit_teacher, save_model
+    from kdcache.tiny import build_qwen2, build_tokenizer, fit_teacher, write_recipe
 
     silver, golden = _rows("silver.jsonl", words), _rows("golden.jsonl", words)
     tokenizer = build_tokenizer([PROMPT.format(**r) + TARGET.format(**r) for r in silver + golden], vocab_size=512,
@@ -38,13 +38,7 @@ def main(out: str, teacher_steps: int = 120, words: int = 12, silver_rows: int =
     fit_teacher(teacher, tokenizer, [(PROMPT.format(**r), TARGET.format(**r)) for r in silver], teacher_steps, seed=1,
                 answer_only=True)
     student = build_qwen2(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=2)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("silver.jsonl", silver), ("golden.jsonl", golden)):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"teacher": save_model(teacher, tokenizer, root / "teacher"),
-            "student": save_model(student, tokenizer, root / "student"),
-            "silver": str(root / "silver.jsonl"), "golden": str(root / "golden.jsonl")}
+    return write_recipe(out, teacher, student, tokenizer, {"silver": silver, "golden": golden})
 
 
 if __name__ == "__main__":
