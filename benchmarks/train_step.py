@@ -120,6 +120,19 @@ def kd_loss_checkpointed(model, batch, chunk_size: int):
         objective.linear_head_weight = original
 
 
+def kd_loss_remade(model, batch, chunk_size: int):
+    """kd_loss with a frozen head's gradient not made in forward: the fused Function keeps [n] statistics and
+    remakes the chunk's logits in backward by one more matmul (the head path before kdcache.train.fused_linear)."""
+    import kdcache.train.objective as objective
+
+    original = objective.mix_coefficients
+    objective.mix_coefficients = lambda *args: None
+    try:
+        return kd_loss(model, batch, chunk_size)
+    finally:
+        objective.mix_coefficients = original
+
+
 def kd_loss(model, batch, chunk_size: int):
     loss, _ = chunked_distillation_loss(model, batch["input_ids"], batch["attention_mask"], batch["target_mask"],
                                         batch["targets"], batch["labels"], LossConfig(kind="forward_kl", alpha=0.5,
@@ -199,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versus-checkpointed", action="store_true",
                         help="add a fourth arm: KD with the chunk under activation checkpointing (the path before the "
                              "fused Function took the LM head's weight; LoRA'd or soft-capped heads still take it)")
+    parser.add_argument("--versus-remade", action="store_true",
+                        help="add an arm: KD with a frozen head's gradient remade in backward (one more head matmul "
+                             "and the exp passes again), the path before kdcache.train.fused_linear")
     parser.add_argument("--temperature", type=float, default=2.0,
                         help="the KD arms' temperature (forward KL, alpha 0.5); at T = 1 the CE and the KL share "
                              "their softmax, at T != 1 each needs its own")
@@ -213,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--skip-peak", action="store_true", help="on CPU, skip the per-arm peak RSS processes")
-    parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd", "kd_checkpointed"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-only", choices=["sft", "sft_chunked", "kd", "kd_checkpointed", "kd_remade"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global CLOCK, TEMPERATURE
     TEMPERATURE = args.temperature
@@ -239,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
              "kd": lambda b: kd_loss(model, b, args.chunk_size)}
     if args.versus_checkpointed:
         steps["kd_checkpointed"] = lambda b: kd_loss_checkpointed(model, b, args.chunk_size)
+    if args.versus_remade:
+        steps["kd_remade"] = lambda b: kd_loss_remade(model, b, args.chunk_size)
     names = list(steps)
     if args.peak_only:  # a child of _cpu_peaks: two steps of one arm, then the process's peak RSS
         for _ in range(2):
@@ -281,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch {args.batch_size} x {args.seq_len} tokens, targets={args.targets}, k={args.k}, "
           f"lora_r={args.lora_r}, T={args.temperature}, repeats={args.repeats}, clock {args.clock}; peak = {figures['peak_kind']}")
     print(f"{'':14}{'step (s)':>12}{'tokens/s':>12}{'peak GiB':>12}")
-    labels = {"sft": "SFT (HF)", "sft_chunked": "SFT chunked", "kd": "KD", "kd_checkpointed": "KD ckpt"}
+    labels = {"sft": "SFT (HF)", "sft_chunked": "SFT chunked", "kd": "KD", "kd_checkpointed": "KD ckpt", "kd_remade": "KD remade"}
     for name, label in ((name, labels[name]) for name in names):
         peak = figures[f"{name}_peak_gib"]
         print(f"{label:14}{med[name]:12.4f}{tokens / med[name]:12.0f}"
@@ -292,6 +311,10 @@ def main(argv: list[str] | None = None) -> None:
         figures["kd_over_kd_checkpointed"] = med["kd"] / med["kd_checkpointed"]
         print(f"KD / KD checkpointed step time: {figures['kd_over_kd_checkpointed']:.3f}   "
               f"(checkpointed KD / SFT (transformers): {med['kd_checkpointed'] / med['sft']:.3f})")
+    if "kd_remade" in med:
+        figures["kd_over_kd_remade"] = med["kd"] / med["kd_remade"]
+        print(f"KD / KD remade step time: {figures['kd_over_kd_remade']:.3f}   "
+              f"(remade KD / SFT (transformers): {med['kd_remade'] / med['sft']:.3f})")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)

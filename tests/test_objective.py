@@ -7,6 +7,7 @@ import torch
 from conftest import make_config
 
 import kdcache.train.fused as fused
+import kdcache.train.fused_linear as fused_linear
 import kdcache.train.objective as objective
 from kdcache.modeling import linear_head_weight
 from kdcache.targets import SparseTargets
@@ -30,8 +31,12 @@ def batch(tmp_path_factory, teacher_dir, data_file):
 
 def student(vocab_rows: int, head: str = "linear"):
     """A tiny Qwen2; ``head="hooked"`` puts a no-op hook on its LM head, so the loss calls the head module (under
-    checkpointing) instead of projecting with its weight in the fused Function (kdcache.modeling.linear_head_weight)."""
+    checkpointing) instead of projecting with its weight in the fused Function (kdcache.modeling.linear_head_weight);
+    ``head="frozen"`` freezes the (tied) head, as a LoRA student's, so its gradient is made in forward
+    (kdcache.train.fused_linear)."""
     model = build_qwen2(vocab_rows, hidden_size=32, layers=1, heads=2, seed=7)
+    if head == "frozen":
+        model.get_output_embeddings().weight.requires_grad_(False)
     if head == "hooked":
         model.get_output_embeddings().register_forward_hook(lambda module, args, output: None)
         assert linear_head_weight(model) is None
@@ -81,7 +86,7 @@ CONFIGS = {
 CASES = [("fkl_ce", 1), ("fkl_ce", 3), ("fkl_ce", 1000), ("rkl", 3), ("jsd_topk", 1), ("ce_only", 1000)]
 
 
-@pytest.mark.parametrize("head", ["linear", "hooked"])
+@pytest.mark.parametrize("head", ["linear", "frozen", "hooked"])
 @pytest.mark.parametrize("config,chunk_size", CASES, ids=[f"{c}-{n}" for c, n in CASES])
 def test_chunked_equals_full_logits(batch, config, chunk_size, head):
     batch, vocab = batch
@@ -92,7 +97,7 @@ def test_chunked_equals_full_logits(batch, config, chunk_size, head):
         model, batch.input_ids, batch.attention_mask, batch.target_mask, batch.targets, batch.labels, config,
         chunk_size=chunk_size), model)
     assert_same(got, expected)
-    assert len(got[2]) == len(list(model.parameters()))  # every parameter gets a gradient
+    assert len(got[2]) == len([p for p in model.parameters() if p.requires_grad])  # every trained one gets a gradient
 
 
 def test_weights_and_ignored_labels(batch):
@@ -111,7 +116,7 @@ def test_weights_and_ignored_labels(batch):
     assert_same(got, expected)
 
 
-@pytest.mark.parametrize("head", ["linear", "hooked"])
+@pytest.mark.parametrize("head", ["linear", "frozen", "hooked"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 def test_padded_vocab_student_uses_the_tokenizer_columns_only(batch, chunk_size, head):
     batch, vocab = batch
@@ -156,6 +161,32 @@ def test_a_linear_head_makes_logits_one_chunk_at_a_time_and_remakes_only_them_in
     loss.backward()
     assert len(forwards) == chunks  # the loss passes did not run again
     assert sorted(backwards) == sorted(forwards)  # each chunk's logits remade once, for its gradient
+
+
+@pytest.mark.parametrize("config", ["fkl_ce", "ce_only"])
+def test_a_frozen_head_makes_each_chunk_s_logits_once_and_its_gradient_in_forward(batch, monkeypatch, config):
+    """A frozen plain head (LoRA students): one head matmul and one set of loss passes per chunk in forward, and
+    backward makes neither again (it scales the gradient w.r.t. the hidden states made in forward)."""
+    batch, vocab = batch
+    passes = []
+    original = fused_linear._Passes
+
+    def recording(logits, *rest):
+        passes.append(tuple(logits.shape))
+        return original(logits, *rest)
+
+    monkeypatch.setattr(fused_linear, "_Passes", recording)
+    monkeypatch.setattr(fused, "_forward", lambda *args: pytest.fail("the remade path ran"))
+    monkeypatch.setattr(fused, "_grad_logits", lambda *args: pytest.fail("the remade path ran"))
+    model = student(vocab, "frozen")
+    n, chunk = batch.num_targets, 3
+    loss, _ = chunked_distillation_loss(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                        batch.targets, batch.labels, CONFIGS[config], chunk_size=chunk)
+    chunks = -(-n // chunk)
+    assert len(passes) == chunks and sum(rows for rows, _ in passes) == n
+    loss.backward()
+    assert len(passes) == chunks
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_logits_exist_one_chunk_at_a_time_and_are_recomputed_in_backward(batch, monkeypatch):

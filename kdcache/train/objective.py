@@ -3,10 +3,11 @@
 A plain forward pass materialises ``[B, L, V]`` logits (for a 150k-token vocabulary and 8k tokens that is 4.9 GB in
 float32, before softmax intermediates and their gradients). Here only the ``N`` hidden states that predict target
 tokens are projected, ``chunk_size`` rows at a time, and each chunk's logits are freed right after its loss terms are
-summed and remade one chunk at a time in backward: with a plain linear head (most students) by the fused Function
-itself, which remakes only the logits (:func:`kdcache.train.fused.ce_and_kd_from_head`); otherwise (LoRA or
-quantised heads, soft-capped or scaled logits, loss kinds outside the buckets) under activation checkpointing, which
-reruns the chunk's whole forward. Peak memory of the head/loss part is a small multiple of ``chunk_size x V`` in
+summed. With a plain linear head that is frozen (LoRA students) the gradient w.r.t. the hidden states is made in
+forward, so nothing is remade (:func:`kdcache.train.fused_linear.frozen_head_sums`); with a trained one (full
+fine-tuning) the fused Function remakes only the logits in backward (:func:`kdcache.train.fused.ce_and_kd_from_head`);
+otherwise (LoRA or quantised heads, soft-capped or scaled logits, loss kinds outside the buckets) each chunk runs
+under activation checkpointing, which reruns the chunk's whole forward. Peak memory of the head/loss part is a small multiple of ``chunk_size x V`` in
 forward and in backward.
 
 Each chunk contributes the numerators of the CE and KD weighted means; the denominators are computed once over all N
@@ -26,6 +27,7 @@ from kdcache.modeling import (is_encoder_decoder, linear_head_weight, output_log
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import BUCKET_KINDS
 from kdcache.train.fused import ce_and_kd, ce_and_kd_from_head
+from kdcache.train.fused_linear import frozen_head_sums, mix_coefficients
 from kdcache.train.uld import has_unmapped_term
 from kdcache.train.hidden import HiddenTerm, hidden_state_loss, student_rows
 from kdcache.train.losses import (
@@ -144,10 +146,14 @@ def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: t
 
 
 def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype,
-                     rows: _Rows) -> Tensor:
-    """:func:`_chunk_sums` for a plain linear head (:func:`kdcache.modeling.linear_head_weight`), both terms from
-    :func:`kdcache.train.fused.ce_and_kd_from_head`."""
+                     rows: _Rows, mix: Tensor | None) -> Tensor:
+    """:func:`_chunk_sums` for a plain linear head (:func:`kdcache.modeling.linear_head_weight`): a frozen one's
+    gradient made in forward for the batch's ``mix`` (:func:`kdcache.train.fused_linear.frozen_head_sums`), a
+    trained one's remade in backward (:func:`kdcache.train.fused.ce_and_kd_from_head`)."""
     vocab = weight.shape[0] if vocab_size is None else min(vocab_size, weight.shape[0])
+    if mix is not None:
+        return frozen_head_sums(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets, rows.ce_weights,
+                                rows.kd_weights, mix)
     ce, kd = ce_and_kd_from_head(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets)
     zero = ce.new_zeros((), dtype=dtype)
     ce_sum = weighted_sum(ce, rows.ce_weights)[0] if rows.labels is not None else zero
@@ -156,17 +162,22 @@ def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | 
 
 
 def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype, rows: _Rows,
-                        chunk_size: int, checkpoint_chunks: bool) -> Tensor:
-    """``[ce_sum, kd_sum]`` over all rows, one chunk of logits at a time (recomputed in backward when checkpointed)."""
+                        chunk_size: int, checkpoint_chunks: bool, ce_den: Tensor | None,
+                        kd_den: Tensor | None) -> Tensor:
+    """``[ce_sum, kd_sum]`` over all rows, one chunk of logits at a time (recomputed in backward when checkpointed;
+    a frozen plain head's gradient made in forward for the mix of ``ce_den`` and ``kd_den``)."""
     hidden = rows.hidden
     sums = (hidden.sum() * 0.0).to(dtype).expand(2)  # keeps the graph connected when there are no targets
     recompute = checkpoint_chunks and torch.is_grad_enabled() and hidden.requires_grad
     # the CE alone, or with a bucket KD that needs nothing but the student's buckets
     fused = rows.targets is None or (loss_config.kind in BUCKET_KINDS and not has_unmapped_term(loss_config))
     head = linear_head_weight(model) if fused else None
+    mix = None
+    if head is not None and not head.requires_grad:
+        mix = mix_coefficients(loss_config.alpha, ce_den, kd_den, dtype, hidden.device)
     for part in row_chunks(hidden.shape[0], chunk_size):
-        if head is not None:  # the fused Function keeps no logits and remakes them in backward: no checkpoint
-            sums = sums + _head_chunk_sums(head, loss_config, vocab_size, dtype, rows[part])
+        if head is not None:  # the fused Functions keep no logits: no checkpoint
+            sums = sums + _head_chunk_sums(head, loss_config, vocab_size, dtype, rows[part], mix)
         elif recompute:
             sums = sums + checkpoint(_chunk_sums, model, loss_config, vocab_size, dtype, rows[part],
                                      use_reentrant=False)
@@ -229,7 +240,8 @@ def chunked_distillation_loss(
         extra = dict(hidden_sum=hidden_sum, hidden_den=hidden_den, hidden_weight=hidden_term.weight)
     rows = _loss_rows(hidden, input_ids, target_mask, targets, labels, weights, loss_config.alpha, dtype)
     ce_den, kd_den = _denominators(rows, dtype)
-    sums = _summed_over_chunks(model, loss_config, vocab_size, dtype, rows, chunk_size, checkpoint_chunks)
+    sums = _summed_over_chunks(model, loss_config, vocab_size, dtype, rows, chunk_size, checkpoint_chunks, ce_den,
+                               kd_den)
     return combine_terms(sums[0], ce_den, sums[1], kd_den, loss_config.alpha, **extra)
 
 
