@@ -143,3 +143,16 @@ def test_sums_mixed_otherwise_than_they_were_made_for_are_refused():
         (sums[0] + 5 * sums[1]).backward()
     with pytest.raises(ValueError, match="frozen head"):
         frozen_head_sums(cfg, h, weight.clone().requires_grad_(True), V, labels, targets, w_ce, w_kd, mix)
+
+
+def test_the_t2_gradient_made_in_row_blocks(monkeypatch):
+    """At T = 2 the CE's softmax term is made a block of rows at a time (no second [n, V] buffer); blocks of 1 and 3
+    rows give the same gradient as one block."""
+    hidden, weight, V, labels, targets, w_ce, w_kd = _case(N=8, k=4)
+    cfg = LossConfig(kind="forward_kl", alpha=0.6, temperature=2.0)
+    fused, unfused = _losses(cfg, hidden, weight, V, labels, targets, w_ce, w_kd)
+    want = _value_and_grad(unfused, hidden)
+    for rows in (1, 3):
+        monkeypatch.setattr(fused_linear, "_BLOCK", rows * V)
+        for a, b in zip(_value_and_grad(fused, hidden), want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -171,9 +171,13 @@ def test_a_frozen_head_makes_each_chunk_s_logits_once_and_its_gradient_in_forwar
     passes = []
     original = fused_linear._Passes
 
-    def recording(logits, *rest):
-        passes.append(tuple(logits.shape))
-        return original(logits, *rest)
+    def recording(make, *rest):
+        def recorded(rows):
+            logits = make(rows)
+            passes.append(tuple(logits.shape))
+            return logits
+
+        return original(recorded, *rest)
 
     monkeypatch.setattr(fused_linear, "_Passes", recording)
     monkeypatch.setattr(fused, "_forward", lambda *args: pytest.fail("the remade path ran"))
