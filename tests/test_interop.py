@@ -52,7 +52,7 @@ def _marked_derived(path, tail="derived"):
     manifest = CacheReader(path).manifest
     assert manifest.imported is not None and manifest.imported.tail == tail
     assert manifest.teacher.vllm == {"scoring": "prompt_logprobs"} and manifest.sparsifier.tail_temperatures == ()
-    with pytest.raises(BadInputError, match="exact tail"):
+    with pytest.raises(BadInputError, match=f"exact tail.*imported from {manifest.imported.format} top-k files"):
         check_loss_for_cache(LossConfig(kind="reverse_kl"), manifest)
     with pytest.raises(BadInputError, match="derives its tail"):
         check_loss_for_cache(LossConfig(kind="forward_kl", temperature=2.0), manifest)

@@ -293,11 +293,15 @@ def check_loss_for_cache(loss: LossConfig, manifest) -> None:
     sparsifier, T = manifest.sparsifier, loss.temperature
     derived = sparsifier.kind == "sample" or (manifest.teacher.vllm or {}).get("scoring") == "prompt_logprobs"
     if loss.kind in REVERSE_KINDS and derived:
+        imported = getattr(manifest, "imported", None)
+        source = ("a sample cache" if sparsifier.kind == "sample" else
+                  f"imported from {imported.format} top-k files" if imported is not None else
+                  "vLLM prompt_logprobs route")
+        rebuild = ("build a topk cache from the teacher with kdcache cache build" if imported is not None else
+                   "rebuild a topk cache with teacher.vllm.scoring=exact")
         raise BadInputError(
             f"loss.kind={loss.kind} needs the teacher's exact tail, but this cache's tail is derived as 1 - sum(top-k) "
-            f"({'a sample cache' if sparsifier.kind == 'sample' else 'vLLM prompt_logprobs route'}), which makes "
-            "reverse KL wrong by up to many nats: use forward_kl or jsd, or rebuild a topk cache with "
-            "teacher.vllm.scoring=exact")
+            f"({source}), which makes reverse KL wrong by up to many nats: use forward_kl or jsd, or {rebuild}")
     if loss.vocab_map != "off" and sparsifier.kind != "topk":
         raise BadInputError(f"loss.vocab_map={loss.vocab_map} maps a topk cache's entries to the student's vocabulary; "
                             "this is a sample cache: use a topk cache (sparsifier.kind=topk)")
