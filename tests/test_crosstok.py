@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_config, upsc_rows
+from transformers import AutoTokenizer
 
 from kdcache.config import TrainConfig, load_config
 from kdcache.errors import BadInputError, IncompatibleCacheError
 from kdcache.store.reader import CacheReader
 from kdcache.teacher.build import build_cache
-from kdcache.tiny import build_qwen2, build_unigram_tokenizer, save_model
+from kdcache.tiny import build_llama, build_qwen2, build_unigram_tokenizer, save_model
 from kdcache.train.crosstok import align_by_offsets, canonical_starts
 from kdcache.train.loader import CacheDataset
 from kdcache.train.trainer import train
@@ -103,8 +104,13 @@ def config(cache, student, out, *overrides) -> TrainConfig:
 
 
 def test_uld_trains_a_student_with_another_tokenizer(tmp_path, cache, unigram):
-    student = save_model(build_qwen2(len(unigram), hidden_size=64, layers=1, heads=2, seed=5), unigram,
+    # A Llama student: under transformers 5 a Qwen2 folder loads its tokenizer as Qwen2Tokenizer, which rebuilds a
+    # byte-level pre-tokenizer over the unigram vocabulary (spaces dropped); a Llama folder loads it as saved.
+    student = save_model(build_llama(len(unigram), hidden_size=64, layers=1, heads=2, seed=5), unigram,
                          tmp_path / "student")
+    loaded = AutoTokenizer.from_pretrained(student)
+    text = upsc_rows()[0]["text"]
+    assert loaded(text).input_ids == unigram(text).input_ids  # the student trains on the tokenizer it was given
     with pytest.raises(IncompatibleCacheError, match="loss.kind=uld"):
         train(config(cache, student, tmp_path / "refused", "max_steps=1"))
     with pytest.raises(BadInputError, match="loss.temperature=1"):
