@@ -7,11 +7,14 @@ one untimed warm-up round):
 
 - forced: the ordinary build, the data's targets scored teacher-forced;
 - generate: `generate.enabled=true`, greedy, `generate.max_new_tokens=--max-new-tokens`: the teacher answers every
-  prompt (one left-padded batched decode per `teacher.batch_size` prompts), then the answers are scored as in forced;
-- per-row: the same with answers generated one prompt at a time (as before batching: `teacher.batch_size=1` for the
-  decode only; scoring batches are unchanged).
+  prompt (one left-padded batched decode per `teacher.batch_size` prompts) and the build keeps the sparse targets the
+  decode computed at each answer token (no teacher-forced pass over the answers);
+- rescored: the same decode, then the answers scored teacher-forced as in forced (the build before the decode's
+  targets were kept: the backend is wrapped so that it offers no `generate_scored`);
+- per-row: generate with answers generated one prompt at a time (as before batching: `teacher.batch_size=1` for the
+  decode only).
 
-    python benchmarks/generate_build.py --threads 1
+    cd benchmarks && python generate_build.py --threads 1 --repeats 5 --clock cpu
 """
 
 from __future__ import annotations
@@ -48,12 +51,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what the timings count: wall = elapsed time; cpu = this process's CPU time over all its "
+                        "threads, which other work on a loaded machine disturbs far less")
     p.add_argument("--skip-per-row", action="store_true", help="leave out the per-row arm (the slow one)")
+    p.add_argument("--skip-rescored", action="store_true", help="leave out the rescored arm")
     args = p.parse_args(argv)
     # what make_config (benchmarks/cache_build.py) reads besides these
     args.device, args.dtype, args.chunk_size, args.shard_size, args.distill = "cpu", "float32", 1024, 1024, "target"
     args.logprob_dtype, args.logprob_step, args.logprob_growth, args.tail_temperatures = "float32", "null", "null", None
     return args
+
+
+class DecodeOnly:
+    """The backend without `generate_scored`: the build then scores generated answers teacher-forced."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def score(self, *args):
+        return self.inner.score(*args)
+
+    def generate(self, *args):
+        return self.inner.generate(*args)
 
 
 def main(argv=None) -> int:
@@ -86,21 +106,25 @@ def main(argv=None) -> int:
             out = Path(config.output)
             if out.exists():
                 shutil.rmtree(out)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = build_cache(config, backend=teacher, tokenizer=tokenizer)
-            elapsed = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert result.finalized
-            return elapsed
+            return (cpu, wall) if args.clock == "cpu" else (wall, cpu)
 
         arms = {"forced": (forced_config, backend), "generate": (generated_config, backend)}
+        if not args.skip_rescored:
+            arms["rescored"] = (generated_config, DecodeOnly(backend))
         if not args.skip_per_row:
             arms["per-row"] = (generated_config, per_row)
         times: dict[str, list[float]] = {name: [] for name in arms}
+        other: dict[str, list[float]] = {name: [] for name in arms}  # the other clock, measured on the same builds
         for round_ in range(args.repeats + 1):  # round 0: warm-up
             for name, (config, teacher) in arms.items():
-                elapsed = build(config, teacher)
+                elapsed, elapsed_other = build(config, teacher)
                 if round_:
                     times[name].append(elapsed)
+                    other[name].append(elapsed_other)
         answers = [int(e.target_mask.sum()) for e in CacheReader(str(scratch / "out")).iter_examples()]
         build(forced_config, backend)
         forced_targets = [int(e.target_mask.sum()) for e in CacheReader(str(scratch / "out")).iter_examples()]
@@ -111,12 +135,17 @@ def main(argv=None) -> int:
         print(f"answers: generated {min(answers)}-{max(answers)} tokens (mean {statistics.mean(answers):.2f}, "
               f"max_new_tokens {args.max_new_tokens}); teacher-forced targets {min(forced_targets)}-"
               f"{max(forced_targets)} tokens (mean {statistics.mean(forced_targets):.2f})")
-        print(f"medians of {args.repeats} alternated rounds:")
+        print(f"medians of {args.repeats} alternated rounds ({args.clock} clock):")
         for name, value in med.items():
             print(f"  {name:<9} {value:8.3f} s   (all: {', '.join(f'{t:.2f}' for t in times[name])})")
         print(f"generate / forced: {med['generate'] / med['forced']:.2f}  (target <= 2)")
+        if "rescored" in med:
+            print(f"rescored / forced: {med['rescored'] / med['forced']:.2f}  (answers scored again teacher-forced)")
         if "per-row" in med:
             print(f"per-row / forced:  {med['per-row'] / med['forced']:.2f}  (answers generated one prompt at a time)")
+        med_other = {name: statistics.median(t) for name, t in other.items()}
+        print(f"the same builds on the {'wall' if args.clock == 'cpu' else 'cpu'} clock: " + ", ".join(
+            f"{name} / forced {value / med_other['forced']:.2f}" for name, value in med_other.items() if name != "forced"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -79,12 +79,28 @@ class ShardScorer:
             return lambda logits, rows: topk_with_tail(logits, spec.k, temperatures)
         return lambda logits, rows: sample_with_counts(logits, uniforms[rows], spec.temperature)
 
-    def score_shard(self, examples: list[Prepared]) -> list[SparseTargets]:
-        """The SparseTargets of each example, in the order given."""
+    def decode_sparsifier(self):
+        """What a decode may apply to its logits so that generated answers need no teacher-forced pass
+        (`kdcache.teacher.generate_batch.StepSparsifier`): the top-k sparsifier of :meth:`score_shard`; None when the
+        targets need more than the logits (hidden states), or draws seeded per example (the sampled sparsifier)."""
+        if self.hidden is not None or self.config.sparsifier.kind != "topk":
+            return None
+        sparsify = self._sparsifier(None)
+        return lambda logits: sparsify(logits, slice(0, logits.shape[0]))
+
+    def score_shard(self, examples: list[Prepared],
+                    known: list[SparseTargets | None] | None = None) -> list[SparseTargets]:
+        """The SparseTargets of each example, in the order given; an example whose `known[i]` is given (its targets
+        taken from the decode that wrote it) keeps those and is not run through the teacher."""
         spec = self.config.sparsifier
-        per_example: list[SparseTargets | None] = [None] * len(examples)
+        per_example: list[SparseTargets | None] = list(known) if known is not None else [None] * len(examples)
         per_hidden: list[np.ndarray | None] = [None] * len(examples)
-        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].encoded.input_ids))
+        given = [i for i, targets in enumerate(per_example) if targets is not None]
+        if given and self.progress is not None:
+            self.progress.update(len(given), sum(len(examples[i].encoded.input_ids) for i in given),
+                                 sum(per_example[i].num_rows for i in given))
+        order = sorted((i for i, targets in enumerate(per_example) if targets is None),
+                       key=lambda i: -len(examples[i].encoded.input_ids))
         for start in range(0, len(order), self.config.teacher.batch_size):
             batch = order[start : start + self.config.teacher.batch_size]
             ids = [examples[i].encoded.input_ids for i in batch]
@@ -315,12 +331,14 @@ class _ShardWriter:
             self.backend = self.backend or make_backend(config, len(self.tokenizer))
             self.progress = BuildProgress(self.todo_rows * self.answers_per_row, config.progress)
             self.scorer = ShardScorer(config, self.backend, self.progress, self.hidden)
+        known = None  # per example: its targets from the decode (no teacher-forced pass), or None
         if config.generate.enabled:
             self.progress.bar.set_description("teacher answering")
-            examples = generate_answers(config, self.tokenizer, self.backend, examples, self.stop_ids)
+            examples, known = generate_answers(config, self.tokenizer, self.backend, examples, self.stop_ids,
+                                               self.scorer.decode_sparsifier())
             self.progress.bar.set_description("cache build")
         examples = [with_char_spans(self.tokenizer, e) for e in examples]
-        data = self.scorer.with_hidden(self.scorer.assemble(examples, self.scorer.score_shard(examples)))
+        data = self.scorer.with_hidden(self.scorer.assemble(examples, self.scorer.score_shard(examples, known)))
         self.progress.bar.update(len(bad) * self.answers_per_row)
         size = sum(a.nbytes for a in data.arrays().values()) + data.records.nbytes
         with storage_errors(f"writing shard {index} ({size / 1e6:.1f} MB before compression) of {config.output}",

@@ -5,6 +5,11 @@ teacher-forced exactly like a given target, so a generated cache has the same fo
 at every answer position it stores the top-k of the teacher's raw (T = 1) distribution, the one the answer was
 drawn from before temperature or top-p were applied. Answers are kept as token ids (stop token included, so a
 student learns to stop); their text goes to the records' `teacher_text`.
+
+That distribution is the one the decode itself computed to choose each answer token (same prefix), so where the
+backend can keep it (`generate_scored`, the transformers backend) and an example's targets are exactly its answer
+tokens after exactly its prompt, :func:`generate_answers` returns the decode's sparse targets and the build skips the
+teacher-forced pass for that example (see :func:`decoded_targets_fit`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from dataclasses import replace
 import torch
 
 from kdcache.config import CacheBuildConfig, GenerateConfig
-from kdcache.data.encode import with_answer
+from kdcache.data.encode import Encoded, with_answer
 from kdcache.errors import BadInputError
+from kdcache.targets import SparseTargets
 
 
 def check_generate_config(config: CacheBuildConfig) -> None:
@@ -87,25 +93,47 @@ def choose_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate_answers(config: CacheBuildConfig, tokenizer, backend, prompts: list, stop_ids: list[int]) -> list:
-    """Each prompt (a `Prepared` with no target yet) -> num_samples examples with the teacher's answers as targets."""
+def decoded_targets_fit(prompt: Encoded, example: Encoded, answer: list[int]) -> bool:
+    """Whether the decode's targets of `answer` are exactly `example`'s: its tokens are the prompt's then the answer's
+    (nothing cut) and its targets exactly the answer's positions (answer-only distillation, not every token)."""
+    cut = len(prompt.input_ids)
+    return (example.input_ids == list(prompt.input_ids) + list(answer)
+            and example.target_mask == [False] * cut + [True] * len(answer))
+
+
+def generate_answers(config: CacheBuildConfig, tokenizer, backend, prompts: list, stop_ids: list[int],
+                     sparsify=None) -> tuple[list, list[SparseTargets | None]]:
+    """Each prompt (a `Prepared` with no target yet) -> num_samples examples with the teacher's answers as targets,
+    and per example its sparse targets taken from the decode, or None where it must be scored teacher-forced.
+
+    With `sparsify` (a `kdcache.teacher.generate_batch.StepSparsifier`, the build's own sparsifier) and a backend that
+    has `generate_scored`, the decode sparsifies the logits each answer token was chosen from; an example keeps them
+    when :func:`decoded_targets_fit`. Without either, every example gets None (scored teacher-forced, as before).
+    """
     g: GenerateConfig = config.generate
-    answers = backend.generate(
-        [p.encoded.input_ids for p in prompts], g, [answer_seed(g.seed, p.row_index) for p in prompts], stop_ids
-    )
-    examples = []
-    for prompt, samples in zip(prompts, answers):
+    prompt_ids = [p.encoded.input_ids for p in prompts]
+    seeds = [answer_seed(g.seed, p.row_index) for p in prompts]
+    decoded = None
+    if sparsify is not None and hasattr(backend, "generate_scored"):
+        answers, decoded = backend.generate_scored(prompt_ids, g, seeds, stop_ids, sparsify)
+    else:
+        answers = backend.generate(prompt_ids, g, seeds, stop_ids)
+    examples, targets = [], []
+    for p, (prompt, samples) in enumerate(zip(prompts, answers)):
         if len(samples) != g.num_samples:
             raise RuntimeError(f"the teacher returned {len(samples)} answers for row {prompt.row_index}, "
                                f"expected {g.num_samples}")
         for sample_index, generated in enumerate(samples):
             answer, stopped = cut_at_stop(generated, stop_ids)
             text_ids = answer[:-1] if stopped else answer
+            encoded = with_answer(config.template, prompt.encoded, answer)
             examples.append(replace(
                 prompt,
-                encoded=with_answer(config.template, prompt.encoded, answer),
+                encoded=encoded,
                 sample_index=sample_index,
                 teacher_text=tokenizer.decode(text_ids),
                 teacher_stopped=stopped,
             ))
-    return examples
+            fits = decoded is not None and decoded_targets_fit(prompt.encoded, encoded, answer)
+            targets.append(decoded[p][sample_index][: len(answer)] if fits else None)
+    return examples, targets

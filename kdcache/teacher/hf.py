@@ -12,6 +12,7 @@ from kdcache.modeling import (layer_hidden_states, load_causal_lm, output_logits
                               target_hidden_states)
 from kdcache.targets import SparseTargets
 from kdcache.teacher.backend import Sparsifier
+from kdcache.teacher.generate_batch import StepSparsifier
 
 
 class HFTeacher:
@@ -80,7 +81,6 @@ class HFTeacher:
             chunks.append(sparsify(logits, rows))
         return chunks, hidden_rows
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], settings: GenerateConfig, seeds: list[int],
                  stop_ids: list[int]) -> list[list[list[int]]]:
         """The teacher's answers: per prompt, `settings.num_samples` lists of token ids (stop token included).
@@ -91,16 +91,28 @@ class HFTeacher:
         answer depends on its prompt and seed only, not on which prompts share a batch (up to float rounding of the
         padded batch). Columns past the tokenizer's vocabulary are never chosen.
         """
+        return self.generate_scored(prompts, settings, seeds, stop_ids, None)[0]
+
+    @torch.inference_mode()
+    def generate_scored(self, prompts: list[list[int]], settings: GenerateConfig, seeds: list[int],
+                        stop_ids: list[int], sparsify: StepSparsifier | None,
+                        ) -> tuple[list[list[list[int]]], list[list[SparseTargets]] | None]:
+        """:meth:`generate`, and with `sparsify` also each answer's SparseTargets [len(answer), k] taken from the
+        decode's own logits (what teacher-forced scoring of prompt + answer gives at the answer's positions, up to
+        float rounding), per prompt and sample; None without `sparsify`."""
         from kdcache.teacher.generate_batch import generate_batch
 
         n = settings.num_samples
         per_batch = max(1, self.config.batch_size // n)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[list[list[int]]] = [[] for _ in prompts]
+        targets: list[list[SparseTargets]] = [[] for _ in prompts]
         for start in range(0, len(order), per_batch):
             group = order[start : start + per_batch]
-            out = generate_batch(self.model, [prompts[i] for i in group], settings, [seeds[i] for i in group],
-                                 stop_ids, self.vocab_size, self.device)
-            for i, samples in zip(group, out):
+            out, scored = generate_batch(self.model, [prompts[i] for i in group], settings, [seeds[i] for i in group],
+                                         stop_ids, self.vocab_size, self.device, sparsify)
+            for j, (i, samples) in enumerate(zip(group, out)):
                 answers[i] = samples
-        return answers
+                if scored is not None:
+                    targets[i] = scored[j]
+        return answers, targets if sparsify is not None else None
