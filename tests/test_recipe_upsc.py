@@ -33,6 +33,9 @@ def test_the_real_specs_load_and_set_the_reports_loss():
     assert teacher.teacher.backend == "vllm" and 2.0 in teacher.sparsifier.tail_temperatures  # exact at T 2
     evaluation = load_config(EvalConfig, RECIPE / "eval-golden.yaml")
     assert evaluation.negative_label == "none" and (REPO / evaluation.data[0]).is_file()
+    for job in ("teacher-qwen2.5-72b-vllm.yaml", "cache-upsc-qwen2.5-7b-hf.yaml"):  # no training on the eval set
+        cached = load_config(CacheBuildConfig, REPO / "jobs" / job).data.paths
+        assert not set(cached) & set(evaluation.data), (job, cached)
     # every spec the README's full-size sequence names is shipped
     for args in bash_commands("```bash\n" + (RECIPE / "README.md").read_text().split("```\n", 2)[1] + "```"):
         for arg in args:
