@@ -13,6 +13,19 @@ from kdcache.errors import friendly_errors
 
 _option = functools.partial(config_option, EvalConfig)
 
+# Options `kdcache eval` and `kdcache export-harness` share, declared once: docs/config.md reads one help per key.
+_labels = _option("labels", "--labels", metavar="LABEL",
+                  help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
+_label_field = _option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
+_mode = _option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics "
+                                       "vs the gold field).")
+_max_new_tokens = _option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
+_system = _option("system", "--system", help="System message (with chat templates).")
+_chat = _option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
+_id_field = _option("id_field", "--id-field",
+                    help="Field with a unique example id [id when present, else the row number].")
+_limit = _option("limit", "--limit", help="Evaluate the first N examples only.")
+
 
 @click.command("eval")
 @config_file_option
@@ -25,9 +38,8 @@ _option = functools.partial(config_option, EvalConfig)
               "already local.")
 @_option("data", "--data", needed=True, help="JSONL / CSV / Parquet file or glob, `datasets` folder or hub "
                                              "dataset id (repeatable; docs/data.md).")
-@_option("labels", "--labels", metavar="LABEL",
-         help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
-@_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
+@_labels
+@_label_field
 @_option("prompt", "--prompt", help="Prompt template over the row's fields, e.g. "
                                     "$'Title: {title}\\nArticle: {text}\\nWhich GS paper?' (bash's $'...' makes "
                                     "\\n a line break; or use --from-cache).")
@@ -35,20 +47,19 @@ _option = functools.partial(config_option, EvalConfig)
          help="Folder for metrics.json, predictions.parquet and report.md.")
 @_option("negative_label", "--negative-label", help="The label meaning 'not relevant' (e.g. none): adds relevance "
                                                     "metrics.")
-@_option("limit", "--limit", help="Evaluate the first N examples only.")
+@_limit
 @_option("batch_size", "--batch-size", help="Examples per forward pass (each is scored with every label).")
 @_option("device", "--device", help="cpu, cuda, cuda:1 or auto.")
 @_option("dtype", "--dtype", help="Model dtype.")
-@_option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics vs the "
-                                "gold field).")
-@_option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
+@_mode
+@_max_new_tokens
 @_option("label_prefix", "--label-prefix",
          help="Text between prompt and label, as in the training target (' {gs_paper}' -> ' ').")
 @_option("label_eos", "--label-eos/--no-label-eos",
          help="Score each label followed by the EOS token (the label and nothing after it).")
-@_option("system", "--system", help="System message (with chat templates).")
-@_option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
-@_option("id_field", "--id-field", help="Field with a unique example id [id when present, else the row number].")
+@_system
+@_chat
+@_id_field
 @_option("tokenizer", "--tokenizer", help="Tokenizer, when not the model's own.")
 @_option("base", "--base", help="Base model of an adapter, when not the one its adapter_config.json names.")
 @_option("max_length", "--max-length", help="Prompt + label tokens; prompts are cut from the left to fit.")
@@ -157,18 +168,16 @@ def compare_command(run_a, run_b, names, criteria_file, out, target_accuracy, no
                    "to lm_eval as --include_path.")
 @click.option("--task", "task", required=True, help="The harness task name (letters, digits, '_', '-', '.').")
 @_option("data", "--data", help="JSONL / CSV / Parquet file or glob, `datasets` folder or hub dataset id.")
-@_option("labels", "--labels", metavar="LABEL",
-         help="A label string to score (repeat for each, e.g. --labels GS1 --labels GS2 ... --labels none).")
-@_option("label_field", "--label-field", help="Field holding the gold label (or the reference answer).")
+@_labels
+@_label_field
 @_option("prompt", "--prompt", help="Prompt template over the row's fields (as for `kdcache eval`).")
-@_option("mode", "--mode", help="Label scoring, or greedy generation parsed to a label (with text metrics vs the "
-                                "gold field).")
-@_option("max_new_tokens", "--max-new-tokens", help="Generation length (generate mode).")
+@_mode
+@_max_new_tokens
 @_option("label_prefix", "--label-prefix", help="Text between prompt and label (the harness' target_delimiter).")
-@_option("system", "--system", help="System message (with chat templates).")
-@_option("chat", "--chat", help="Wrap the prompt in the tokenizer's chat template.")
-@_option("id_field", "--id-field", help="Field with a unique example id [id when present, else the row number].")
-@_option("limit", "--limit", help="Evaluate the first N examples only.")
+@_system
+@_chat
+@_id_field
+@_limit
 @set_option("rouge_stemmer=false")
 @friendly_errors
 def export_harness_command(config_path, from_cache, harness_out, task, overrides, **options) -> None:
