@@ -167,8 +167,9 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, logged: dict[str, int] | None = None):
         self.client, self.run_id = client, run_id
+        self.logged = logged or {}  # tag -> the last step the run already holds (a resumed run replays steps)
 
     @classmethod
     def open(cls, out: Path, resume_step: int, config: dict) -> MlflowTracker:
@@ -191,16 +192,22 @@ class MlflowTracker(Tracker):
             run_id = client.create_run(experiment_id, run_name=out.resolve().name).info.run_id
             client.log_dict(run_id, config, "train_config.json")
             _keep_run_id(out, cls.name, run_id)
-        else:
-            client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id)
+            return cls(client, run_id)
+        client.update_run(run_id, status="RUNNING")
+        # A kill between checkpoints left steps past the checkpoint in the run; the resumed run computes them again
+        # (equal, as resume is exact): each tag skips the steps it holds, as W&B does, instead of logging them twice.
+        logged = {tag: max(m.step for m in client.get_metric_history(run_id, tag))
+                  for tag in client.get_run(run_id).data.metrics}
+        return cls(client, run_id, logged)
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(tag, float(value), now, step)
-                                                    for tag, value in values.items()])
+        metrics = [Metric(tag, float(value), now, step) for tag, value in values.items()
+                   if step > self.logged.get(tag, -1)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
