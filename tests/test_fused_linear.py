@@ -156,3 +156,19 @@ def test_the_t2_gradient_made_in_row_blocks(monkeypatch):
         monkeypatch.setattr(fused_linear, "_BLOCK", rows * V)
         for a, b in zip(_value_and_grad(fused, hidden), want):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_autocast_matches_float64_within_its_precision():
+    """The bf16 profile: logits made in bfloat16 under autocast, upcast for the passes, the gradient's matmul in
+    bfloat16 again; against float64 on the same (bf16-rounded) inputs, within bfloat16's precision."""
+    hidden, weight, V, labels, targets, w_ce, w_kd = _case(N=8, H=16, V=64, rows=64, k=8)
+    hidden, weight = hidden.bfloat16().float(), weight.bfloat16().float()
+    cfg = LossConfig(kind="forward_kl", alpha=0.5, temperature=2.0)
+    fused = _losses(cfg, hidden, weight, V, labels, targets, w_ce.float(), w_kd.float())[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grad = _value_and_grad(fused, hidden)
+    ref = _losses(cfg, hidden.double(), weight.double(), V, labels, targets, w_ce, w_kd)[1]
+    want_value, want_grad = _value_and_grad(ref, hidden.double())
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert abs(value.double() - want_value) / want_value < 2e-2
+    assert ((grad.double() - want_grad).norm(dim=1) / want_grad.norm(dim=1)).max() < 5e-2
