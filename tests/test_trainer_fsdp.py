@@ -186,3 +186,25 @@ def test_fsdp_units_are_the_students_blocks(student_dir, tokenizer):
     blocks = _blocks(model)  # through peft's wrappers
     assert [type(b).__name__ for b in blocks] == ["Qwen2DecoderLayer"]
     assert blocks[0] is model.base_model.model.model.layers[0]
+
+
+def test_a_lora_save_gathers_the_adapter_only(tmp_path, student_dir, tokenizer):
+    """Under FSDP every tensor save_student writes is all-gathered first: for a LoRA student that is the adapter
+    (what peft writes), not the frozen base; the adapter written from it equals peft's own save."""
+    from safetensors.torch import load_file
+
+    from kdcache.config import LoraConfig
+    from kdcache.train.student import load_student, resolve_precision
+    from kdcache.train.trainer import saved_state
+
+    precision = resolve_precision("cpu", False)
+    model = load_student(student_dir, precision, LoraConfig(r=2), len(tokenizer))
+    state = saved_state(model)
+    assert state and all("lora_" in key for key in state)
+    assert len(state) < len(model.state_dict()) / 2
+    model.save_pretrained(tmp_path / "peft")
+    model.save_pretrained(tmp_path / "ours", state_dict=state)
+    theirs, ours = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("peft", "ours"))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    full = load_student(student_dir, precision, LoraConfig(enabled=False), len(tokenizer))
+    assert saved_state(full).keys() == full.state_dict().keys()  # full fine-tuning: the whole model

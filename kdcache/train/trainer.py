@@ -301,6 +301,17 @@ def _step_record(step: int, loss, parts: dict, tokens: int, wait: float, started
     return record
 
 
+def saved_state(model) -> dict:
+    """The state dict entries ``save_pretrained`` writes: a peft model's adapter (its ``lora_`` tensors and trained
+    parameters, which peft picks from a full state dict anyway), so FSDP gathers no frozen base weight for nothing;
+    another model's whole state dict."""
+    state = model.state_dict()
+    if not hasattr(model, "peft_config"):
+        return state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {key: value for key, value in state.items() if "lora_" in key or key in trained}
+
+
 def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | None = None,
                  dist: Distributed | None = None) -> None:
     """The adapter (LoRA) or the whole model, with the tokenizer: loadable with peft / transformers; a hidden-state
@@ -309,7 +320,7 @@ def save_student(model, tokenizer, folder: Path, projector: HiddenProjector | No
     dist = dist or Distributed()
     state = projector_state = None
     if dist.sharded:
-        state = full_tensors(model.state_dict(), keep=dist.is_main)
+        state = full_tensors(saved_state(model), keep=dist.is_main)
         projector_state = None if projector is None else full_tensors(projector.state_dict(), keep=dist.is_main)
     if not dist.is_main:
         return
