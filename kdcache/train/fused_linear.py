@@ -36,7 +36,7 @@ from kdcache.config import LossConfig
 from kdcache.targets import SparseTargets
 from kdcache.train.buckets import _compute_dtype, _valid_ids
 from kdcache.train.fused import _divergence, _forward, _grad_logits, _labels_and_keep
-from kdcache.train.losses import combine_terms, prepared_targets, weighted_sum
+from kdcache.train.losses import combine_terms, prepared_targets, term_sums
 
 __all__ = ["frozen_head_sums", "mix_coefficients"]
 
@@ -226,12 +226,8 @@ def frozen_head_sums(config: LossConfig, hidden: Tensor, weight: Tensor, vocab: 
     dtype = mix.dtype
 
     def sums_fn(ce: Tensor, log_p: Tensor) -> Tensor:
-        zero = ce.new_zeros((), dtype=dtype)
-        ce_sum = weighted_sum(ce, ce_weights)[0].to(dtype) if ce_weights is not None else zero
-        kd_sum = zero
-        if targets is not None:
-            kd_sum = weighted_sum(_divergence(config, targets, log_p, vocab, T), kd_weights)[0].to(dtype)
-        return torch.stack([ce_sum, kd_sum])
+        kd = None if targets is None else _divergence(config, targets, log_p, vocab, T)
+        return term_sums(ce if ce_weights is not None else None, ce_weights, kd, kd_weights, dtype)
 
     head = weight[:vocab]
     if not (torch.is_grad_enabled() and hidden.requires_grad):

@@ -74,6 +74,7 @@ __all__ = [
     "generalized_jsd",
     "hard_ce",
     "kd_loss",
+    "term_sums",
     "label_weights",
     "prepared_targets",
     "reduce_positions",
@@ -386,6 +387,17 @@ def kd_loss(
                     **settings)
     values = func(student_logits, targets, temperature=config.temperature, reduction="none", **settings)
     return _reduce(with_unmapped_term(config, values, student_logits, targets), weights, reduction)
+
+
+def term_sums(ce: Tensor | None, ce_weights: Tensor | None, kd: Tensor | None, kd_weights: Tensor | None,
+              dtype: torch.dtype) -> Tensor:
+    """``[ce_sum, kd_sum]`` (``dtype``): the :func:`weighted_sum` numerators of per-position ``ce`` and ``kd`` [N],
+    0 for a term given as None (at least one is given); what each chunk of the chunked loss adds up before
+    :func:`combine_terms` mixes the sums over all chunks."""
+    given = ce if ce is not None else kd
+    zero = given.new_zeros((), dtype=dtype)
+    return torch.stack([zero if values is None else weighted_sum(values, weights)[0].to(dtype)
+                        for values, weights in ((ce, ce_weights), (kd, kd_weights))])
 
 
 def combine_terms(

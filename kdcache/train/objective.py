@@ -37,6 +37,7 @@ from kdcache.train.losses import (
     kd_loss,
     label_weights,
     teacher_confidence_weight,
+    term_sums,
     weighted_sum,
 )
 
@@ -130,7 +131,6 @@ def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: t
     logits = output_logits(model, rows.hidden)
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:, :vocab_size]
-    ce_sum = kd_sum = logits.new_zeros((), dtype=dtype)
     ce = kd = None
     if rows.labels is not None and rows.targets is not None:  # both terms from one pass over the chunk
         ce, kd = ce_and_kd(loss_config, logits, rows.labels, rows.targets)
@@ -138,11 +138,7 @@ def _chunk_sums(model, loss_config: LossConfig, vocab_size: int | None, dtype: t
         ce = hard_ce(logits, rows.labels, reduction="none")
     elif rows.targets is not None:
         kd = kd_loss(loss_config, logits, rows.targets, reduction="none")
-    if ce is not None:
-        ce_sum, _ = weighted_sum(ce, rows.ce_weights)
-    if kd is not None:
-        kd_sum, _ = weighted_sum(kd, rows.kd_weights)
-    return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
+    return term_sums(ce, rows.ce_weights, kd, rows.kd_weights, dtype)
 
 
 def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype,
@@ -155,10 +151,7 @@ def _head_chunk_sums(weight: Tensor, loss_config: LossConfig, vocab_size: int | 
         return frozen_head_sums(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets, rows.ce_weights,
                                 rows.kd_weights, mix)
     ce, kd = ce_and_kd_from_head(loss_config, rows.hidden, weight, vocab, rows.labels, rows.targets)
-    zero = ce.new_zeros((), dtype=dtype)
-    ce_sum = weighted_sum(ce, rows.ce_weights)[0] if rows.labels is not None else zero
-    kd_sum = weighted_sum(kd, rows.kd_weights)[0] if kd is not None else zero
-    return torch.stack([ce_sum.to(dtype), kd_sum.to(dtype)])
+    return term_sums(ce if rows.labels is not None else None, rows.ce_weights, kd, rows.kd_weights, dtype)
 
 
 def _summed_over_chunks(model, loss_config: LossConfig, vocab_size: int | None, dtype: torch.dtype, rows: _Rows,
