@@ -159,9 +159,20 @@ def vllm_dump(tmp_path_factory, teacher_dir, tokenizer, data_file):
     return str(jsonl), str(parquet)
 
 
-def test_vllm_dump_imports_in_both_file_types_and_trains(tmp_path, vllm_dump, tokenizer, teacher_dir, student_dir):
+def trains_three_steps(cache: str, student_dir: str, out) -> None:
+    """A full fine-tune of `student_dir` on `cache` runs 3 steps with finite losses (an imported cache trains)."""
     from kdcache.train.trainer import train
 
+    result = train(load_config(TrainConfig, None, [
+        f"cache={cache}", f"student={student_dir}", f"out={out}", "profile=cpu", "batch_size=2",
+        "lora.enabled=false", "heldout_fraction=0", "max_steps=3", "save_every=100", "eval_every=100",
+        "chunk_size=64", "progress=false"]))
+    assert result.step == 3
+    losses = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert losses and all(np.isfinite(r["loss"]) for r in losses)
+
+
+def test_vllm_dump_imports_in_both_file_types_and_trains(tmp_path, vllm_dump, tokenizer, teacher_dir, student_dir):
     jsonl, parquet = vllm_dump
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     import_cache("vllm", [jsonl], a, tokenizer, "tok", shard_size=4, progress=False)
@@ -174,13 +185,7 @@ def test_vllm_dump_imports_in_both_file_types_and_trains(tmp_path, vllm_dump, to
     assert np.all(np.diff(example.sparse_logprobs, axis=1) <= 0)
     np.testing.assert_allclose(example.tail_logmass, derived_tail(example.sparse_logprobs), atol=1e-6)
 
-    result = train(load_config(TrainConfig, None, [
-        f"cache={a}", f"student={student_dir}", f"out={tmp_path / 'run'}", "profile=cpu", "batch_size=2",
-        "lora.enabled=false", "heldout_fraction=0", "max_steps=3", "save_every=100", "eval_every=100",
-        "chunk_size=64", "progress=false"]))
-    assert result.step == 3
-    losses = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
-    assert losses and all(np.isfinite(r["loss"]) for r in losses)
+    trains_three_steps(a, student_dir, tmp_path / "run")
 
 
 def test_vllm_dump_k_and_bad_files_are_one_line_errors(tmp_path, vllm_dump, tokenizer):

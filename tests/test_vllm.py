@@ -301,10 +301,10 @@ def test_users_prompt_logprobs_dump_imports_and_trains(tmp_path, engine, vllm_te
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
-    from kdcache.config import TrainConfig
+    from test_interop import trains_three_steps
+
     from kdcache.interop import import_cache
     from kdcache.store.reader import CacheReader
-    from kdcache.train.trainer import train
 
     rows = [json.loads(line) for line in open(data_file)][:6]
     prompts = [tokenizer(f"{row['title']} {row['text']}")["input_ids"][:48] for row in rows]
@@ -329,11 +329,7 @@ def test_users_prompt_logprobs_dump_imports_and_trains(tmp_path, engine, vllm_te
         np.testing.assert_allclose(example.sparse_logprobs, ours.numpy(), atol=1e-4)
         np.testing.assert_allclose(example.sparse_logprobs[:, 0], reference.max(-1).values.numpy(), atol=1e-4)
         np.testing.assert_allclose(example.tail_logmass, derived_tail(example.sparse_logprobs), atol=1e-6)
-    result = train(load_config(TrainConfig, None, [
-        f"cache={cache}", f"student={student_dir}", f"out={tmp_path / 'run'}", "profile=cpu", "batch_size=2",
-        "lora.enabled=false", "heldout_fraction=0", "max_steps=3", "save_every=100", "eval_every=100",
-        "chunk_size=64", "progress=false"]))
-    assert result.step == 3
+    trains_three_steps(cache, student_dir, tmp_path / "run")
 
 
 @pytest.mark.vllm
